@@ -1,0 +1,122 @@
+"""The `smile-stream` command line: convert, inspect, verify."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import tomllib
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import SmileError
+from .plan import Options, parse_size
+
+RECIPE_OPTIONS = {
+    "gate_rank": int, "top_k": int, "expert_rank": int, "dtype": str, "max_shard_size": parse_size,
+    "targets": str, "svd": str, "non_linear": str, "device": str, "trust_remote_code": bool,
+}
+
+
+def _fail(debug: bool, exc: BaseException) -> None:
+    if debug:
+        traceback.print_exc()
+    if isinstance(exc, SmileError):
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    if isinstance(exc, KeyboardInterrupt):
+        click.echo("interrupted. Run the same command again to resume from the last finished shard.", err=True)
+        sys.exit(130)
+    click.echo(f"internal error: {type(exc).__name__}: {exc}\nRun again with --debug for the traceback, and please report it.", err=True)
+    sys.exit(1)
+
+
+def _load_recipe(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            recipe = tomllib.load(f)
+    except OSError as exc:
+        raise SmileError(f"recipe {path}: {exc.strerror}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SmileError(f"recipe {path} is not valid TOML ({exc}).") from None
+    known = {"base", "out", "experts", *RECIPE_OPTIONS}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise SmileError(f"recipe {path}: unknown keys {unknown}. Known keys: {sorted(known)}.")
+    if not isinstance(recipe.get("experts", {}), dict):
+        raise SmileError(f"recipe {path}: 'experts' must be a table of name = \"path or hub id\".")
+    return recipe
+
+
+def _parse_expert(text: str) -> tuple[str, str]:
+    name, sep, ref = text.partition("=")
+    if not sep or not name or not ref:
+        raise SmileError(f"--expert {text!r}: write it as NAME=PATH_OR_HUB_ID, e.g. --expert math=./lora-math.")
+    return name, ref
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Turn a base LLM plus LoRA adapters and fine-tunes into one SMILE mixture-of-low-rank-experts model."""
+
+
+@main.command()
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
+@click.option("--base", help="Base model: local folder or hub id.")
+@click.option("--expert", "experts", multiple=True, metavar="NAME=PATH", help="An expert: LoRA adapter or fine-tuned model (folder or hub id). Repeat.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--gate-rank", type=int, help="Router rank g (default 8).")
+@click.option("--top-k", type=int, help="Experts per token (default 1).")
+@click.option("--expert-rank", type=int, help="Truncate experts to this rank (default: each LoRA's r; 128 for full fine-tunes).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: the base's).")
+@click.option("--max-shard-size", help="Largest shard, e.g. 5GB (default), 500MB, 2GiB.")
+@click.option("--targets", help="Regex over module names to upscale (default: every linear in the decoder blocks).")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), help="SVD for full fine-tunes (default auto).")
+@click.option("--non-linear", type=click.Choice(["base", "average"]), help="Non-target parameters of full experts: from the base (default) or averaged.")
+@click.option("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:1 ...")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a base whose config asks for remote code.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder's contents instead of refusing/resuming.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def convert(recipe, base, experts, out, dry_run, overwrite, quiet, debug, **flags) -> None:
+    """Convert a base model + experts into a SMILE model folder (resumes an unfinished run)."""
+    from .convert import convert as run_convert
+
+    try:
+        settings = _load_recipe(recipe) if recipe else {}
+        base = base or settings.get("base")
+        out = out or settings.get("out")
+        expert_list = [_parse_expert(e) for e in experts] or [(n, str(r)) for n, r in settings.get("experts", {}).items()]
+        if not base:
+            raise SmileError("No base model: pass --base PATH_OR_HUB_ID (or set base in the recipe).")
+        if not out and not dry_run:
+            raise SmileError("No output folder: pass --out FOLDER (or set out in the recipe).")
+        values = {k: settings[k] for k in RECIPE_OPTIONS if k in settings}
+        values.update({k: v for k, v in flags.items() if v is not None})
+        try:
+            options = Options(**{k: RECIPE_OPTIONS[k](v) for k, v in values.items()})
+        except (TypeError, ValueError) as exc:
+            raise SmileError(f"bad option value: {exc}") from None
+        command = "smile-stream " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        run_convert(base, expert_list, out or ".", options, dry_run=dry_run, overwrite=overwrite, quiet=quiet, command=command)
+    except (SmileError, KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - turned into a clean message
+        _fail(debug, exc)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def inspect(folder: Path, debug: bool) -> None:
+    """Show a converted model's experts, ranks, parameter overhead and which experts each module holds."""
+    from .load import inspect_output
+
+    try:
+        click.echo(inspect_output(folder))
+    except (SmileError, Exception) as exc:  # noqa: BLE001
+        _fail(debug, exc)
+
+
+if __name__ == "__main__":
+    main()

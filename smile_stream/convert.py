@@ -1,0 +1,144 @@
+"""Convert: run sources -> plan -> factorize -> write for one conversion, with progress and memory."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .factorize import Factorizer, prefetch
+from .measure import PeakMemory, format_bytes, now
+from .plan import Options, Plan, ShardPlan, TensorPlan, describe, make_plan
+from .sources import DTYPES
+from .write import prepare_output, write_metadata, write_shards
+
+
+@dataclass
+class Result:
+    plan: Plan
+    seconds: float
+    peak_rss: int
+    shards_written: int
+    shards_kept: int
+
+
+class TensorSource:
+    """Makes the tensors the writer cannot copy: casts, averages, and expert factors, computing the
+    experts of one decoder layer at a time while the next layer's inputs are read ahead."""
+
+    def __init__(self, plan: Plan, on_layer: callable = None):
+        self.plan, self.on_layer = plan, on_layer
+        self.factorizer = Factorizer(plan)
+        self.layers = list(dict.fromkeys(t.layer for s in plan.shards for t in s.tensors if t.module))
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, tensor: TensorPlan) -> torch.Tensor:
+        dtype = DTYPES[tensor.dtype]
+        if tensor.role == "cast":
+            return self.plan.base.read(tensor.name).to(dtype)
+        if tensor.role == "average":
+            return self.factorizer.average(tensor.name).to(dtype)
+        layer = tensor.layer
+        if layer not in self.cache:
+            self._read_ahead(layer)
+            self.cache[layer] = self.factorizer.layer_tensors(layer)
+            if self.on_layer:
+                self.on_layer(layer)
+        tensors = self.cache[layer]
+        result = tensors.pop(tensor.name)
+        if not tensors:
+            del self.cache[layer]
+        return result
+
+    def _read_ahead(self, layer: int) -> None:
+        position = self.layers.index(layer)
+        if position + 1 < len(self.layers):
+            upcoming = self.layers[position + 1]
+            infos = []
+            for module in self.plan.modules.values():
+                if module.layer == upcoming:
+                    for i in module.experts:
+                        source = self.plan.experts[i].source
+                        if self.plan.experts[i].kind == "full":
+                            infos += [module.weight, source.tensors[module.weight.name]]
+            if infos:
+                prefetch(infos)
+
+
+class Progress:
+    """One status line per event: shard, layer, elapsed time, ETA and memory (RssAnon)."""
+
+    def __init__(self, plan: Plan, memory: PeakMemory, quiet: bool):
+        self.plan, self.memory, self.quiet = plan, memory, quiet
+        self.total = plan.output_bytes
+        self.done = 0
+        self.start = now()
+        self.shard_index = 0
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    def layer(self, layer: int) -> None:
+        self._print(f"  layer {layer:>3} factored   {self._status()}")
+
+    def shard(self, shard: ShardPlan, kept: bool) -> None:
+        self.shard_index += 1
+        self.done += shard.size
+        verb = "kept (already written)" if kept else "written"
+        self._print(f"shard {self.shard_index}/{len(self.plan.shards)} {shard.filename} {verb}   {self._status()}")
+
+    def _status(self) -> str:
+        elapsed = now() - self.start
+        eta = elapsed * (self.total - self.done) / self.done if self.done else float("nan")
+        return (
+            f"{elapsed:6.1f}s elapsed, ETA {eta:5.0f}s, "
+            f"memory {format_bytes(self.memory.current)} (peak {format_bytes(self.memory.peak)})"
+        )
+
+
+def convert(
+    base: str,
+    experts: list[tuple[str, str]],
+    out: str | Path,
+    options: Options | None = None,
+    *,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    command: str | None = None,
+) -> Result:
+    """Convert a base model and experts (name, folder or hub id) into a SMILE model folder at `out`.
+
+    Resumes an unfinished run with the same inputs and options. With `dry_run`, prints the plan
+    and writes nothing.
+    """
+    options = options or Options()
+    out = Path(out)
+    with PeakMemory() as memory:
+        start = now()
+        plan = make_plan(base, experts, options)
+        if dry_run:
+            print(describe(plan))
+            return Result(plan, now() - start, memory.peak, 0, 0)
+        prepare_output(out, plan, overwrite)
+        progress = Progress(plan, memory, quiet)
+        counts = {True: 0, False: 0}
+
+        def on_shard(shard: ShardPlan, kept: bool) -> None:
+            counts[kept] += 1
+            progress.shard(shard, kept)
+
+        write_metadata(plan, out, command)
+        write_shards(plan, out, TensorSource(plan, progress.layer), on_shard)
+        seconds = now() - start
+    result = Result(plan, seconds, memory.peak, counts[False], counts[True])
+    if not quiet:
+        print(
+            f"done: {out} in {seconds:.1f}s, peak memory {format_bytes(memory.peak)} (RssAnon), "
+            f"output {format_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s)",
+            file=sys.stderr,
+        )
+    return result

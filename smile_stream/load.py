@@ -1,0 +1,66 @@
+"""Load: open a converted folder as a transformers model without remote code, and describe it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from .errors import SmileError
+from .modeling_smile import INDEX_FILE, check_complete, smile_model_class
+from .plan import summarize_modules
+from .sources import read_safetensors_header
+
+
+def _smile_config(path: str | os.PathLike):
+    import transformers
+
+    try:
+        check_complete(path)
+    except OSError as exc:
+        raise SmileError(str(exc)) from None
+    config = transformers.AutoConfig.from_pretrained(path)
+    if not isinstance(getattr(config, "smile", None), dict):
+        raise SmileError(f"{path}/config.json has no 'smile' section; this folder was not made by smile-stream.")
+    return config
+
+
+def model_class(path: str | os.PathLike) -> tuple[type, object]:
+    """The SMILE model class for a converted folder and its config (for empty-weights loading)."""
+    import transformers
+
+    config = _smile_config(path)
+    return smile_model_class(getattr(transformers, config.architectures[0])), config
+
+
+def load_model(path: str | os.PathLike, **kwargs):
+    """Load a converted folder with the package's own SMILE layer (no remote code needed).
+
+    Keyword arguments go to `from_pretrained`, e.g. `device_map="auto"`, `dtype=torch.bfloat16`,
+    `max_memory=...`.
+    """
+    cls, config = model_class(path)
+    return cls.from_pretrained(path, config=config, **kwargs)
+
+
+def inspect_output(path: str | os.PathLike) -> str:
+    """What `smile-stream inspect` prints: experts, ranks, parameter overhead, experts per module."""
+    folder = Path(path)
+    config = _smile_config(folder).smile
+    index = json.loads((folder / INDEX_FILE).read_text())
+    base = added = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        for name, info in read_safetensors_header(folder / shard).tensors.items():
+            n = math.prod(info.shape)
+            if name.rsplit(".", 1)[-1].startswith("expert_"):
+                added += n
+            else:
+                base += n
+    lines = [f"{folder}: SMILE format {config['format_version']}, gate rank {config['gate_rank']}, top-{config['top_k']}"]
+    for expert in config["experts"]:
+        lines.append(f"expert   {expert['name']:<12} {expert['kind']:<4}  {expert['source']}")
+    lines += summarize_modules(config)
+    lines.append(f"params   {base:,} base + {added:,} expert ({added / max(base, 1):.2%} overhead)")
+    lines.append(f"size     {index['metadata']['total_size']:,} tensor bytes in {len(set(index['weight_map'].values()))} shard(s)")
+    return "\n".join(lines)

@@ -1,0 +1,486 @@
+"""Plan: decide everything about a conversion from configs and safetensors headers alone.
+
+Which modules are targets, which experts touch each and at what rank, every output tensor's name,
+dtype, shape and shard, the shard headers, the output config and a hash that identifies the run.
+All input validation happens here, so that a run that would fail fails in its first seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import SmileError
+from .modeling_smile import SMILE_FORMAT_VERSION
+from .sources import DTYPE_CODES, FLOAT_CODES, Checkpoint, LoraAdapter, TensorInfo, itemsize, open_source
+
+DEFAULT_FULL_EXPERT_RANK = 128
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
+
+
+@dataclass
+class Options:
+    """Conversion options; every field is part of the plan hash except `device` (only its kind is)."""
+
+    gate_rank: int = 8
+    top_k: int = 1
+    expert_rank: int | None = None  # None: each LoRA's own r; DEFAULT_FULL_EXPERT_RANK for full experts
+    dtype: str | None = None  # None: the base's dtype, tensor by tensor
+    max_shard_size: int = 5 * 10**9
+    targets: str | None = None  # regex over module names; None: every linear inside the decoder blocks
+    svd: str = "auto"  # auto | exact | randomized
+    non_linear: str = "base"  # base | average: where non-target parameters of full experts come from
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Expert:
+    name: str
+    source: Checkpoint | LoraAdapter
+
+    @property
+    def kind(self) -> str:
+        return "lora" if isinstance(self.source, LoraAdapter) else "full"
+
+
+@dataclass
+class ModulePlan:
+    """One upscaled linear: its base tensors and the experts it holds, in routing order."""
+
+    name: str
+    layer: int
+    in_features: int
+    out_features: int
+    weight: TensorInfo
+    bias: TensorInfo | None
+    experts: list[int]  # indices into Plan.experts
+    ranks: list[int]
+    expert_bias: bool
+    dtype: str  # dtype code of the expert tensors
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor. `role`: copy | cast (a base tensor) | average (non-linear parameter
+    averaged over the base and full experts) | down | up | bias (expert tensors of `module`)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    layer: int
+    role: str
+    source: TensorInfo | None = None
+    module: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+@dataclass
+class ShardPlan:
+    filename: str
+    tensors: list[TensorPlan]
+    header: bytes = b""
+
+    @property
+    def size(self) -> int:
+        return 8 + len(self.header) + sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class Plan:
+    base: Checkpoint
+    experts: list[Expert]
+    options: Options
+    device: str
+    modules: dict[str, ModulePlan]
+    shards: list[ShardPlan]
+    config: dict
+    hash: str
+    changed_non_targets: dict[str, list[str]] = field(default_factory=dict)  # tensor -> experts that changed it
+
+    @property
+    def total_size(self) -> int:
+        """Tensor bytes, as `metadata.total_size` of the index counts them."""
+        return sum(t.nbytes for s in self.shards for t in s.tensors)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    @property
+    def base_params(self) -> int:
+        return sum(math.prod(t.shape) for t in self.base.tensors.values())
+
+    @property
+    def added_params(self) -> int:
+        return sum(math.prod(t.shape) for s in self.shards for t in s.tensors if t.module)
+
+    def layers(self) -> list[int]:
+        return sorted({m.layer for m in self.modules.values()})
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, 1000 -> 1000."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise SmileError(f"--max-shard-size {text!r} is not a size; write it like 5GB, 500MB or 2GiB.")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SmileError(f"--device {name} was asked for, but PyTorch sees no CUDA device here. Use --device cpu or auto.")
+    return name
+
+
+def _check_options(options: Options, experts: list[tuple[str, str]]) -> None:
+    if not experts:
+        raise SmileError("No experts given. Pass at least one --expert NAME=PATH (a LoRA adapter or a fine-tuned model).")
+    names = [n for n, _ in experts]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SmileError(f"Expert names must be unique; {dupes} given more than once. Name each --expert differently.")
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise SmileError(f"Expert name {name!r}: use letters, digits, '_', '-' and '.' only.")
+    if options.gate_rank < 1 or options.top_k < 1:
+        raise SmileError("--gate-rank and --top-k must be at least 1.")
+    if options.top_k > len(experts):
+        raise SmileError(f"--top-k {options.top_k} is larger than the number of experts ({len(experts)}). Use at most {len(experts)}.")
+    if options.expert_rank is not None and options.expert_rank < options.gate_rank:
+        raise SmileError(
+            f"--gate-rank {options.gate_rank} is larger than --expert-rank {options.expert_rank}: the router reads the "
+            "first gate-rank directions of each expert. Lower --gate-rank or raise --expert-rank."
+        )
+    if options.dtype is not None and options.dtype not in ("float32", "float16", "bfloat16"):
+        raise SmileError(f"--dtype {options.dtype!r}: choose float32, float16 or bfloat16.")
+    if options.svd not in ("auto", "exact", "randomized"):
+        raise SmileError(f"--svd {options.svd!r}: choose auto, exact or randomized.")
+    if options.non_linear not in ("base", "average"):
+        raise SmileError(f"--non-linear {options.non_linear!r}: choose base or average.")
+    if options.max_shard_size < 1:
+        raise SmileError("--max-shard-size must be positive.")
+
+
+def discover_linears(base: Checkpoint, trust_remote_code: bool) -> tuple[str, dict[str, tuple[int, int, int]]]:
+    """Build the base architecture with empty weights and list its linear layers.
+
+    Returns the architecture class name and {module name: (in, out, decoder block index or -1)}.
+    """
+    import transformers
+    from accelerate import init_empty_weights
+
+    config_path = base.folder / "config.json"
+    if base.config.get("auto_map") and not trust_remote_code:
+        raise SmileError(
+            f"{config_path} asks for remote code (auto_map). smile-stream does not run code from its inputs by default; "
+            "pass --trust-remote-code if you trust this model's authors."
+        )
+    architectures = base.config.get("architectures") or []
+    arch = architectures[0] if architectures else None
+    if not isinstance(getattr(transformers, arch or "", None), type):
+        raise SmileError(
+            f"{config_path}: architectures is {architectures!r}; smile-stream needs a transformers model class there "
+            "(for example LlamaForCausalLM) to build the converted model."
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(base.folder, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            model = getattr(transformers, arch)._from_config(config)
+    except Exception as exc:  # noqa: BLE001 - any failure here means transformers cannot build this config
+        raise SmileError(f"{config_path}: transformers {transformers.__version__} cannot build {arch} from this config ({exc}).") from None
+    block_types = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = {n: int(n.rsplit(".", 1)[1]) for n, m in model.named_modules() if type(m).__name__ in block_types and n.rsplit(".", 1)[-1].isdigit()}
+    linears = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            block = next((i for prefix, i in blocks.items() if name.startswith(prefix + ".")), -1)
+            linears[name] = (module.in_features, module.out_features, block)
+        elif type(module).__name__ == "Conv1D":
+            linears[name] = (None, None, -1)  # GPT-2-style transposed linear: not supported
+    return arch, linears
+
+
+def _layer_of(name: str, blocks: dict[str, int]) -> int:
+    prefix = name.rsplit(".", 2)[0]
+    while prefix:
+        if prefix in blocks:
+            return blocks[prefix]
+        prefix = prefix.rpartition(".")[0]
+    return -1
+
+
+def _select_targets(base: Checkpoint, linears: dict, pattern: str | None) -> dict[str, tuple[int, int, int]]:
+    if pattern is not None:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise SmileError(f"--targets {pattern!r} is not a valid regular expression ({exc}).") from None
+        chosen = {n: v for n, v in linears.items() if regex.search(n)}
+    else:
+        chosen = {n: v for n, v in linears.items() if v[2] >= 0}
+    conv = sorted(n for n, v in chosen.items() if v[0] is None)
+    if conv:
+        raise SmileError(f"{conv[0]} is a GPT-2-style Conv1D layer; smile-stream upscales nn.Linear layers only.")
+    if not chosen:
+        raise SmileError(f"No linear layer of the base matches --targets {pattern!r}." if pattern else "The base model has no linear layers inside its decoder blocks.")
+    for name, (fan_in, fan_out, _) in chosen.items():
+        info = base.tensors.get(name + ".weight")
+        if info is None:
+            raise SmileError(f"{base.folder}: the model has a linear layer {name!r} but its checkpoint has no tensor {name + '.weight'!r}. Is this checkpoint saved with a different key layout (prefix)?")
+        if info.shape != (fan_out, fan_in):
+            raise SmileError(f"{info.file}: tensor {info.name!r} has shape {list(info.shape)}, but the config implies {[fan_out, fan_in]}. The config and the weights disagree.")
+    return chosen
+
+
+def _lora_touches(adapter: LoraAdapter, name: str, linears: dict, targets: dict) -> dict[str, int]:
+    touched = {}
+    for module, lora in adapter.modules.items():
+        where = adapter.folder / "adapter_model.safetensors"
+        if module not in linears:
+            raise SmileError(f"{where}: expert {name!r} adapts {module!r}, which is not a module of the base model. Is this adapter for a different base?")
+        if module not in targets:
+            raise SmileError(f"{where}: expert {name!r} adapts {module!r}, which is not a target. Widen --targets to include it, or use an adapter without it.")
+        fan_in, fan_out, _ = targets[module]
+        if lora.a.shape[1] != fan_in or lora.b.shape[0] != fan_out:
+            raise SmileError(
+                f"{where}: expert {name!r}, module {module!r}: lora_A/lora_B map {lora.a.shape[1]} -> {lora.b.shape[0]} "
+                f"features, but the base layer maps {fan_in} -> {fan_out}. The adapter was trained on a different base."
+            )
+        touched[module] = lora.rank
+    return touched
+
+
+def _full_touches(base: Checkpoint, expert: Checkpoint, name: str, targets: dict) -> tuple[dict[str, int], set[str]]:
+    """Modules whose weight differs from the base, and which of them also change the bias."""
+    for tensor, info in base.tensors.items():
+        other = expert.tensors.get(tensor)
+        if other is None:
+            raise SmileError(f"{expert.folder}: expert {name!r} has no tensor {tensor!r}, which the base has. Is it a fine-tune of this base?")
+        if other.shape != info.shape:
+            raise SmileError(f"{other.file}: expert {name!r}, tensor {tensor!r} has shape {list(other.shape)} but the base's is {list(info.shape)}. Is it a fine-tune of this base (same architecture and vocabulary)?")
+        if other.dtype != info.dtype:
+            raise SmileError(f"{other.file}: expert {name!r}, tensor {tensor!r} is {other.dtype} but the base's is {info.dtype}. Save both in the same dtype.")
+    touched, bias_changed = {}, set()
+    for module, (fan_in, fan_out, _) in targets.items():
+        if _bytes_differ(base.tensors[module + ".weight"], expert.tensors[module + ".weight"]):
+            touched[module] = min(fan_in, fan_out)
+        bias = module + ".bias"
+        if bias in base.tensors and _bytes_differ(base.tensors[bias], expert.tensors[bias]):
+            touched.setdefault(module, min(fan_in, fan_out))
+            bias_changed.add(module)
+    return touched, bias_changed
+
+
+def _bytes_differ(a: TensorInfo, b: TensorInfo, chunk: int = 1 << 24) -> bool:
+    # Fine-tunes almost always differ in the first bytes, so this rarely reads more than a page.
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        done, step = 0, 1 << 16
+        while done < a.nbytes:
+            n = min(step, a.nbytes - done)
+            fa.seek(a.offset + done)
+            fb.seek(b.offset + done)
+            if fa.read(n) != fb.read(n):
+                return True
+            done, step = done + n, chunk
+    return False
+
+
+def _layout(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
+    groups: list[list[TensorPlan]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    shards = []
+    for i, group in enumerate(groups):
+        # Larger items first keeps every tensor aligned to its element size inside the file.
+        group.sort(key=lambda t: -itemsize(t.dtype))
+        shard = ShardPlan(SHARD_NAME.format(i + 1, len(groups)), group)
+        shard.header = _header(group)
+        shards.append(shard)
+    return shards
+
+
+def _header(tensors: list[TensorPlan]) -> bytes:
+    entries: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    return raw + b" " * (-(8 + len(raw)) % 8)
+
+
+def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Options) -> Plan:
+    """Read headers and configs of every input, validate them, and plan the whole output."""
+    _check_options(options, expert_refs)
+    device = resolve_device(options.device)
+    base = open_source(base_ref)
+    if isinstance(base, LoraAdapter):
+        raise SmileError(f"--base {base_ref} is a LoRA adapter; the base must be a full model folder (config.json + *.safetensors).")
+    experts = [Expert(name, open_source(ref)) for name, ref in expert_refs]
+    arch, linears = discover_linears(base, options.trust_remote_code)
+    targets = _select_targets(base, linears, options.targets)
+
+    touched: dict[str, dict[int, int]] = {}  # module -> {expert index: max rank}
+    bias_modules: set[str] = set()
+    for index, expert in enumerate(experts):
+        if expert.kind == "lora":
+            ranks = _lora_touches(expert.source, expert.name, linears, targets)
+        else:
+            _check_same_architecture(base, expert)
+            ranks, biased = _full_touches(base, expert.source, expert.name, targets)
+            bias_modules |= biased
+            if not ranks:
+                raise SmileError(f"{expert.source.folder}: expert {expert.name!r} has the same weights as the base in every target module. Remove it.")
+        for module, rank in ranks.items():
+            touched.setdefault(module, {})[index] = rank
+
+    modules = {}
+    for name in sorted(touched, key=lambda n: (targets[n][2], base.tensors[n + ".weight"].offset, n)):
+        fan_in, fan_out, layer = targets[name]
+        weight = base.tensors[name + ".weight"]
+        order = sorted(touched[name])
+        ranks = [_expert_rank(experts[i], touched[name][i], options) for i in order]
+        dtype = DTYPE_CODES[getattr(torch, options.dtype)] if options.dtype else weight.dtype
+        modules[name] = ModulePlan(name, layer, fan_in, fan_out, weight, base.tensors.get(name + ".bias"), order, ranks, name in bias_modules, dtype)
+
+    changed = _changed_non_targets(base, experts, targets)
+    tensors = _output_tensors(base, modules, options, linears, changed)
+    shards = _layout(tensors, options.max_shard_size)
+    config = _output_config(base, arch, experts, modules, options)
+    digest = _plan_hash(base, experts, options, device)
+    return Plan(base, experts, options, device, modules, shards, config, digest, changed)
+
+
+def _check_same_architecture(base: Checkpoint, expert: Expert) -> None:
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads", "num_key_value_heads"):
+        if key in base.config and expert.source.config.get(key) != base.config[key]:
+            raise SmileError(
+                f"{expert.source.folder / 'config.json'}: expert {expert.name!r} has {key} = {expert.source.config.get(key)!r} "
+                f"but the base has {base.config[key]!r}. Experts must be fine-tunes of the base (same architecture and sizes)."
+            )
+
+
+def _expert_rank(expert: Expert, natural: int, options: Options) -> int:
+    if expert.kind == "lora":
+        return min(natural, options.expert_rank or natural)
+    return min(natural, options.expert_rank or DEFAULT_FULL_EXPERT_RANK)
+
+
+def _changed_non_targets(base: Checkpoint, experts: list[Expert], targets: dict) -> dict[str, list[str]]:
+    target_tensors = {m + s for m in targets for s in (".weight", ".bias")}
+    changed: dict[str, list[str]] = {}
+    for expert in experts:
+        if expert.kind != "full":
+            continue
+        for name, info in base.tensors.items():
+            if name not in target_tensors and _bytes_differ(info, expert.source.tensors[name]):
+                changed.setdefault(name, []).append(expert.name)
+    return changed
+
+
+def _output_tensors(base: Checkpoint, modules: dict[str, ModulePlan], options: Options, linears: dict, changed: dict) -> list[TensorPlan]:
+    blocks = {}
+    for name, (_, _, layer) in linears.items():
+        if layer >= 0:
+            blocks[name.rsplit(".", 2)[0]] = layer
+    ordered = sorted(base.tensors.values(), key=lambda t: (_layer_of(t.name, blocks), t.file, t.offset))
+    out = []
+    for info in ordered:
+        dtype = info.dtype
+        if options.dtype and info.dtype in FLOAT_CODES:
+            dtype = DTYPE_CODES[getattr(torch, options.dtype)]
+        role = "average" if options.non_linear == "average" and info.name in changed else ("copy" if dtype == info.dtype else "cast")
+        layer = _layer_of(info.name, blocks)
+        out.append(TensorPlan(info.name, dtype, info.shape, layer, role, source=info))
+        module = modules.get(info.name.removesuffix(".weight")) if info.name.endswith(".weight") else None
+        if module is not None:
+            k = sum(module.ranks)
+            out.append(TensorPlan(module.name + ".expert_down", module.dtype, (k, module.in_features), layer, "down", module=module.name))
+            out.append(TensorPlan(module.name + ".expert_up", module.dtype, (module.out_features, k), layer, "up", module=module.name))
+            if module.expert_bias:
+                out.append(TensorPlan(module.name + ".expert_bias", module.dtype, (len(module.ranks), module.out_features), layer, "bias", module=module.name))
+    return out
+
+
+def _output_config(base: Checkpoint, arch: str, experts: list[Expert], modules: dict[str, ModulePlan], options: Options) -> dict:
+    config = dict(base.config)
+    config["auto_map"] = {"AutoModelForCausalLM": f"modeling_smile.Smile{arch}"}
+    if options.dtype:
+        config["dtype"] = config["torch_dtype"] = options.dtype
+    config["smile"] = {
+        "format_version": SMILE_FORMAT_VERSION,
+        "gate_rank": options.gate_rank,
+        "top_k": options.top_k,
+        "experts": [{"name": e.name, "kind": e.kind, "source": e.source.source} for e in experts],
+        "modules": {
+            m.name: {"experts": [experts[i].name for i in m.experts], "ranks": m.ranks, "expert_bias": m.expert_bias}
+            for m in modules.values()
+        },
+    }
+    return config
+
+
+def _plan_hash(base: Checkpoint, experts: list[Expert], options: Options, device: str) -> str:
+    settings = asdict(options)
+    settings["device"] = torch.device(device).type
+    record = {
+        "format_version": SMILE_FORMAT_VERSION,
+        "options": settings,
+        "base": base.fingerprint,
+        "experts": [[e.name, e.kind, e.source.fingerprint] for e in experts],
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def summarize_modules(smile: dict) -> list[str]:
+    """Upscaled modules grouped by their name with layer numbers elided, and the experts each holds."""
+    groups: dict[str, set] = {}
+    for name, spec in smile["modules"].items():
+        key = re.sub(r"\.\d+\.", ".N.", name)
+        groups.setdefault(key, set()).add(" ".join(f"{e}:r{r}" for e, r in zip(spec["experts"], spec["ranks"])))
+    layers = {m for name in smile["modules"] for m in re.findall(r"\.(\d+)\.", name)[:1]}
+    lines = [f"targets  {len(smile['modules'])} upscaled modules in {len(layers)} layers"]
+    for key, variants in sorted(groups.items()):
+        lines += [f"         {key:<40} {variant}" for variant in sorted(variants)]
+    return lines
+
+
+def describe(plan: Plan) -> str:
+    """A human summary of the plan: what `--dry-run` prints."""
+    lines = [f"base     {plan.base.source}  ({plan.base_params / 1e6:,.1f} M parameters)"]
+    for e in plan.experts:
+        held = sum(1 for m in plan.modules.values() if plan.experts.index(e) in m.experts)
+        lines.append(f"expert   {e.name:<12} {e.kind:<4}  {e.source.source}  in {held} modules")
+    opts = plan.options
+    lines.append(f"routing  gate rank {opts.gate_rank}, top-{opts.top_k}; device {plan.device}; svd {opts.svd}")
+    lines += summarize_modules(plan.config["smile"])
+    for tensor, names in sorted(plan.changed_non_targets.items()):
+        how = "averaged" if opts.non_linear == "average" else "taken from the base"
+        lines.append(f"note     {tensor} differs in {', '.join(names)}: {how} (--non-linear)")
+    overhead = plan.added_params / max(plan.base_params, 1)
+    lines.append(
+        f"output   {plan.output_bytes / 1e6:,.1f} MB in {len(plan.shards)} shard(s); "
+        f"+{plan.added_params / 1e6:,.2f} M parameters ({overhead:.2%} over the base)"
+    )
+    return "\n".join(lines)
+

@@ -1,0 +1,349 @@
+"""Sources: find model folders (local or hub), read safetensors headers, configs and PEFT adapters.
+
+Nothing here reads tensor data except `read_tensor`, which goes through `safe_open` (mmap), one
+tensor at a time. Pickle files are never opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import SmileError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+INDEX_FILE = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def itemsize(code: str) -> int:
+    return DTYPES[code].itemsize
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte offset of its data, dtype code and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SafetensorsFile:
+    path: str
+    size: int
+    header_sha256: str
+    tensors: dict[str, TensorInfo]
+
+
+def read_safetensors_header(path: str | Path) -> SafetensorsFile:
+    """Parse and validate a safetensors header without touching the tensor data."""
+    path = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if length < 2 or length > min(size - 8, MAX_HEADER_BYTES):
+            raise SmileError(
+                f"{path} is not a valid safetensors file: its header length field ({length}) does not fit "
+                f"a file of {size} bytes. The file is truncated or corrupted; download or save it again."
+            )
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SmileError(
+            f"{path} is not a valid safetensors file: its header is not valid JSON ({exc}). "
+            "The file is corrupted; download or save it again."
+        ) from None
+    data_start, data_size = 8 + length, size - 8 - length
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = _tensor_info(path, name, entry, data_start, data_size)
+    return SafetensorsFile(path, size, hashlib.sha256(raw).hexdigest(), tensors)
+
+
+def _tensor_info(path: str, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    try:
+        code, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        begin, end = int(begin), int(end)
+    except (TypeError, KeyError, ValueError):
+        raise SmileError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}; the file is corrupted.") from None
+    if code not in DTYPES:
+        raise SmileError(f"{path}: tensor {name!r} has dtype {code!r}, which smile-stream does not handle.")
+    expected = math.prod(shape) * itemsize(code)
+    if not 0 <= begin <= end <= data_size or end - begin != expected:
+        raise SmileError(
+            f"{path}: tensor {name!r} ({code}, shape {list(shape)}) has data offsets [{begin}, {end}] that do not "
+            f"fit its size ({expected} bytes) or the file's data section ({data_size} bytes). The file is truncated "
+            "or corrupted; download or save it again."
+        )
+    return TensorInfo(name, code, shape, path, data_start + begin, end - begin)
+
+
+def _load_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as exc:
+        raise SmileError(f"{path}: the {what} is not valid JSON ({exc}). Fix or re-download it.") from None
+    if not isinstance(data, dict):
+        raise SmileError(f"{path}: the {what} is not a JSON object. Fix or re-download it.")
+    return data
+
+
+def _inside(folder: Path, name: str, what: str) -> Path:
+    """Resolve a file name from an index inside `folder`, refusing anything that points out of it."""
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        raise SmileError(
+            f"{folder / INDEX_FILE} names {what} {name!r}, which points outside the model folder. "
+            "Refusing to read it; fix the index so that it names files inside the folder."
+        )
+    path = folder / name
+    real, root = path.resolve(), folder.resolve()
+    hub_blobs = root.parent.parent / "blobs"  # a hub cache snapshot links into its own blobs/
+    if path.is_symlink() and not (real.is_relative_to(root) or real.is_relative_to(hub_blobs)):
+        raise SmileError(f"{path} is a symlink leading out of the model folder (to {real}). Refusing to read it.")
+    return path
+
+
+class Checkpoint:
+    """A Hugging Face model folder: config.json plus safetensors weights (one file, or shards + index)."""
+
+    def __init__(self, folder: Path, source: str):
+        self.folder, self.source = folder, source
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise SmileError(f"{folder} has no config.json, so it is not a Hugging Face model folder. Point to the folder that holds config.json and the *.safetensors weights.")
+        self.config = _load_json(config_path, "model config")
+        self.files = [read_safetensors_header(p) for p in self._weight_files()]
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            self.tensors.update(file.tensors)
+        self._handles: dict[str, object] = {}
+
+    def _weight_files(self) -> list[Path]:
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            weight_map = _load_json(index, "weights index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise SmileError(f"{index} has no weight_map; the index is corrupted. Re-download or re-save the model.")
+            files = [_inside(self.folder, name, "the shard") for name in sorted(set(weight_map.values()))]
+            missing = [p.name for p in files if not p.is_file()]
+            if missing:
+                raise SmileError(f"{index} names shards that are not in the folder: {missing}. Download the missing files.")
+            return files
+        files = sorted(self.folder.glob("*.safetensors"))
+        if files:
+            return files
+        pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if pickles:
+            raise SmileError(
+                f"{self.folder} holds only pickle weights ({', '.join(pickles)}). smile-stream reads safetensors "
+                "only, since unpickling can run arbitrary code. Convert the checkpoint to safetensors first "
+                "(load it and call save_pretrained(..., safe_serialization=True))."
+            )
+        raise SmileError(f"{self.folder} has a config.json but no *.safetensors weights. Download or save the weights into it.")
+
+    @cached_property
+    def fingerprint(self) -> list:
+        """Names, sizes and header digests: what the plan hash covers for this input."""
+        return [[os.path.basename(f.path), f.size, f.header_sha256] for f in self.files]
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, memory-mapped through safe_open."""
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(info.file, framework="pt", device="cpu")
+        return handle.get_tensor(name)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    # peft's rule: the first key that matches a dotted suffix of the module name wins.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: delta W = scale * B @ A with A (r, in), B (out, r)."""
+
+    a: TensorInfo
+    b: TensorInfo
+    rank: int
+    scale: float
+
+
+_UNSUPPORTED_ADAPTER_KEYS = {
+    "lora_magnitude_vector": "DoRA (use_dora) rescales the merged weight per column, which is not a low-rank delta",
+    "lora_embedding_A": "LoRA on embeddings changes an embedding table, not a linear layer",
+    "lora_embedding_B": "LoRA on embeddings changes an embedding table, not a linear layer",
+    "modules_to_save": "modules_to_save replaces whole modules instead of adding a low-rank delta",
+}
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter folder: adapter_config.json + adapter_model.safetensors."""
+
+    def __init__(self, folder: Path, source: str):
+        self.folder, self.source = folder, source
+        self.config = _load_json(folder / ADAPTER_CONFIG, "adapter config")
+        weights = folder / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise SmileError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}. Save the adapter with safetensors (peft's default).")
+        self.file = read_safetensors_header(weights)
+        self._check_config()
+        self.modules = self._modules()
+        self._handle = None
+
+    def _check_config(self) -> None:
+        cfg, where = self.config, self.folder / ADAPTER_CONFIG
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise SmileError(f"{where}: peft_type is {cfg.get('peft_type')!r}; smile-stream converts LoRA adapters only.")
+        refusals = {
+            "use_dora": "DoRA (use_dora) rescales the merged weight per column, which is not a low-rank delta",
+            "modules_to_save": "modules_to_save replaces whole modules instead of adding a low-rank delta",
+            "lora_bias": "LoRA with a trained bias (lora_bias) changes biases, which a LoRA expert cannot carry",
+        }
+        for key, why in refusals.items():
+            if cfg.get(key):
+                raise SmileError(f"{where}: {key} is set. {why}; smile-stream refuses such adapters. Merge it into a full fine-tune and pass that folder as the expert instead.")
+        init = cfg.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower() not in ("gaussian", "true"):
+            raise SmileError(
+                f"{where}: init_lora_weights is {init!r}. Such adapters (PiSSA, OLoRA, LoftQ, CorDA, EVA...) also "
+                "change the base weights, so base + B @ A is not the fine-tuned model. Convert the adapter to a plain "
+                "LoRA first (peft's `save_pretrained(..., path_initial_model_for_weight_conversion=...)`) or merge it."
+            )
+        if cfg.get("loftq_config"):
+            raise SmileError(f"{where}: loftq_config is set; LoftQ adapters change the base weights. Merge the adapter and pass the full model instead.")
+
+    def _modules(self) -> dict[str, LoraModule]:
+        where = self.folder / ADAPTER_WEIGHTS
+        pairs: dict[str, dict[str, TensorInfo]] = {}
+        for key, info in self.file.tensors.items():
+            for marker, why in _UNSUPPORTED_ADAPTER_KEYS.items():
+                if marker in key:
+                    raise SmileError(f"{where}: tensor {key!r}: {why}; smile-stream refuses such adapters.")
+            match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+            if match is None:
+                raise SmileError(
+                    f"{where}: tensor {key!r} is not a lora_A/lora_B weight. Only plain LoRA adapters can be converted; "
+                    "biases, DoRA magnitudes and saved modules are refused."
+                )
+            pairs.setdefault(match.group(1), {})[match.group(2)] = info
+        cfg = self.config
+        modules = {}
+        for module, pair in sorted(pairs.items()):
+            if set(pair) != {"A", "B"}:
+                raise SmileError(f"{where}: module {module!r} has lora_{'A' if 'A' in pair else 'B'} but no lora_{'B' if 'A' in pair else 'A'}. The adapter is incomplete; save it again.")
+            a, b = pair["A"], pair["B"]
+            if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+                raise SmileError(f"{where}: module {module!r} has lora_A of shape {list(a.shape)} and lora_B of shape {list(b.shape)}; their ranks disagree. The adapter is corrupted.")
+            rank = a.shape[0]
+            config_rank = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank)))
+            if config_rank != rank:
+                raise SmileError(
+                    f"{where}: module {module!r} has rank {rank} in its lora_A/lora_B tensors but {config_rank} in "
+                    f"{ADAPTER_CONFIG} (r / rank_pattern). The scale alpha/r would be wrong; fix the config."
+                )
+            alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", rank)))
+            scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+            modules[module] = LoraModule(a, b, rank, scale)
+        if not modules:
+            raise SmileError(f"{where} holds no lora_A/lora_B tensors; the adapter is empty.")
+        return modules
+
+    @cached_property
+    def fingerprint(self) -> list:
+        return [[ADAPTER_WEIGHTS, self.file.size, self.file.header_sha256], self.config]
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        if self._handle is None:
+            self._handle = safe_open(self.file.path, framework="pt", device="cpu")
+        return self._handle.get_tensor(info.name)
+
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_SMALL_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def resolve_folder(ref: str) -> Path:
+    """A local folder as given, or the local snapshot of a hub repository (cache first).
+
+    From the hub, only configs/tokenizer files and the weight files an index lists are fetched.
+    `HF_HUB_OFFLINE=1` is honoured: then only the local cache is used.
+    """
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SmileError(f"{ref} is a file; pass the folder that holds the model or adapter.")
+        if not any(path.iterdir()):
+            raise SmileError(f"{ref} is an empty folder; it should hold a model (config.json + *.safetensors) or a LoRA adapter.")
+        return path.resolve()
+    if ref.startswith((".", "/", "~")) or not _REPO_ID.fullmatch(ref):
+        raise SmileError(f"{ref}: no such folder, and it is not a hub repository id (organisation/name).")
+    return _hub_snapshot(ref)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=_SMALL_FILES))
+        if (folder / ADAPTER_CONFIG).is_file():
+            names = [ADAPTER_WEIGHTS]
+        elif (folder / INDEX_FILE).is_file():
+            names = sorted(set(_load_json(folder / INDEX_FILE, "weights index").get("weight_map", {}).values()))
+        else:
+            names = ["model.safetensors"]
+        for name in names:
+            try:
+                hf_hub_download(repo_id, name)
+            except EntryNotFoundError:
+                pass  # Checkpoint() reports what is missing, with the folder it looked in
+        return folder
+    except LocalEntryNotFoundError:
+        raise SmileError(
+            f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached (offline mode or no "
+            f"network). Download it first (`hf download {repo_id}`) or pass a local folder."
+        ) from None
+    except HfHubHTTPError as exc:
+        raise SmileError(f"{repo_id}: the hub refused the download ({exc}). Check the id and your access token.") from None
+
+
+def open_source(ref: str) -> Checkpoint | LoraAdapter:
+    """A base model or expert: a LoRA adapter if the folder has adapter_config.json, else a full model."""
+    folder = resolve_folder(ref)
+    if (folder / ADAPTER_CONFIG).is_file():
+        return LoraAdapter(folder, ref)
+    return Checkpoint(folder, ref)

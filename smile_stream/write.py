@@ -1,0 +1,240 @@
+"""Write: stream the planned shards to disk, atomically, with a journal that makes runs resumable.
+
+Order of a run: metadata files (config, remote code, tokenizer, model card), then each shard as
+`<name>.partial` -> fsync -> rename -> journal entry, then the index, last. A folder without its
+index is unfinished, and both loaders say so. Tensors that pass through unchanged are copied
+file to file by the kernel (`copy_file_range`), never through Python memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import mmap
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import modeling_smile
+from .errors import SmileError
+from .modeling_smile import INDEX_FILE
+from .plan import Plan, ShardPlan, TensorPlan
+
+JOURNAL = "smile-journal.json"
+REMOTE_CODE = "modeling_smile.py"
+COPIED_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+HASH_CHUNK = 1 << 26
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a small file so that it is either absent, or complete: temp file, fsync, rename."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_journal(out: Path) -> dict | None:
+    path = out / JOURNAL
+    if not path.is_file():
+        return None
+    try:
+        journal = json.loads(path.read_text())
+        return journal if isinstance(journal, dict) and isinstance(journal.get("shards"), dict) else None
+    except ValueError:
+        return None
+
+
+def write_metadata(plan: Plan, out: Path, command: str | None) -> None:
+    """Everything but the weights: config, remote code, tokenizer and generation files, model card."""
+    atomic_write(out / "config.json", (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(out / REMOTE_CODE, Path(modeling_smile.__file__).read_bytes())
+    for name in COPIED_FILES:
+        source = plan.base.folder / name
+        if source.is_file():
+            atomic_write(out / name, source.read_bytes())
+    atomic_write(out / "README.md", model_card(plan, command).encode())
+
+
+def model_card(plan: Plan, command: str | None) -> str:
+    smile = plan.config["smile"]
+    held: dict[str, list[int]] = {}
+    for module in smile["modules"].values():
+        for name, rank in zip(module["experts"], module["ranks"]):
+            held.setdefault(name, []).append(rank)
+    rows = []
+    for e in smile["experts"]:
+        ranks = held.get(e["name"], [])
+        span = f"{min(ranks)}-{max(ranks)}" if ranks and min(ranks) != max(ranks) else str(ranks[0] if ranks else "-")
+        rows.append(f"| {e['name']} | {e['kind']} | `{e['source']}` | {span} | {len(ranks)} |")
+    overhead = plan.added_params / max(plan.base_params, 1)
+    lines = [
+        "---",
+        f"base_model: {plan.base.source}",
+        "library_name: transformers",
+        "tags:",
+        "- smile",
+        "- mixture-of-experts",
+        "- merge",
+        "- smile-stream",
+        "---",
+        "",
+        f"# SMILE mixture of {len(smile['experts'])} low-rank experts on {plan.base.source}",
+        "",
+        "A zero-shot Sparse MIxture of Low-rank Experts (SMILE, arXiv 2408.10174) built by smile-stream: each "
+        "upscaled linear layer keeps the base weights and routes every token to its top-k experts, each a "
+        "low-rank factorisation of one fine-tune's weight delta.",
+        "",
+        f"- routing: gate rank {smile['gate_rank']}, top-{smile['top_k']}, {len(smile['modules'])} upscaled modules",
+        f"- parameters: {plan.base_params:,} base + {plan.added_params:,} expert ({overhead:.2%} overhead)",
+        "",
+        "| expert | kind | source | rank | modules |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, device_map="auto")',
+        "```",
+        "",
+        "The remote code (`modeling_smile.py`) imports only torch and transformers.",
+    ]
+    if command:
+        lines += ["", "## Made with", "", "```", command, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_shards(plan: Plan, out: Path, produce: Callable[[TensorPlan], torch.Tensor], on_shard: Callable[[ShardPlan, bool], None]) -> None:
+    """Write every shard not already finished, then the index. `produce` makes non-copied tensors."""
+    journal = read_journal(out) or {}
+    if journal.get("plan_hash") != plan.hash:
+        journal = {"format_version": modeling_smile.SMILE_FORMAT_VERSION, "plan_hash": plan.hash, "shards": {}}
+    for shard in plan.shards:
+        done = journal["shards"].get(shard.filename)
+        path = out / shard.filename
+        if done and path.is_file() and path.stat().st_size == shard.size:
+            on_shard(shard, True)
+            continue
+        journal["shards"][shard.filename] = {"sha256": _write_shard(shard, path, produce), "size": shard.size}
+        atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
+        on_shard(shard, False)
+    weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
+    index = {"metadata": {"total_size": plan.total_size, "smile_plan_hash": plan.hash}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+
+
+def _write_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], torch.Tensor]) -> str:
+    tmp = path.with_name(path.name + ".partial")
+    hasher = hashlib.sha256()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        head = len(shard.header).to_bytes(8, "little") + shard.header
+        _write_all(fd, head)
+        hasher.update(head)
+        for tensor in shard.tensors:
+            if tensor.role == "copy":
+                _copy_range(tensor, fd, hasher)
+            else:
+                data = produce(tensor)
+                if tuple(data.shape) != tensor.shape:
+                    raise RuntimeError(f"{tensor.name}: produced shape {tuple(data.shape)}, planned {tensor.shape}")
+                raw = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
+                _write_all(fd, raw)
+                hasher.update(raw)
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        fd = -1
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise SmileError(f"The disk holding {path.parent} is full while writing {shard.filename} ({shard.size:,} bytes). Free space and run the same command again: finished shards are kept.") from None
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return hasher.hexdigest()
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _copy_range(tensor: TensorPlan, fd: int, hasher: hashlib._Hash) -> None:
+    """Kernel-side copy of a source tensor's bytes; hashed from the page cache through mmap."""
+    info = tensor.source
+    with open(info.file, "rb") as src:
+        left, offset = info.nbytes, info.offset
+        while left:
+            n = _kernel_copy(src.fileno(), fd, offset, left)
+            offset, left = offset + n, left - n
+        if info.nbytes:
+            with mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                for start in range(info.offset, info.offset + info.nbytes, HASH_CHUNK):
+                    hasher.update(view[start : min(start + HASH_CHUNK, info.offset + info.nbytes)])
+                view.release()
+
+
+def _kernel_copy(src: int, dst: int, offset: int, count: int) -> int:
+    try:
+        n = os.copy_file_range(src, dst, count, offset)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        n = os.sendfile(dst, src, offset, count)
+    if n <= 0:
+        raise OSError(errno.EIO, f"short copy from an input file at offset {offset}; is it truncated?")
+    return n
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prepare_output(out: Path, plan: Plan, overwrite: bool) -> None:
+    """Create or reuse the output folder; refuse folders that would lose or mix up data."""
+    out_real = out.resolve()
+    inputs = [plan.base.folder, *(e.source.folder for e in plan.experts)]
+    for folder in inputs:
+        real = folder.resolve()
+        if out_real == real or out_real.is_relative_to(real):
+            raise SmileError(f"--out {out} is inside the input folder {folder}. Choose an output folder outside every input.")
+    if out.exists() and not out.is_dir():
+        raise SmileError(f"--out {out} is a file. Choose a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        journal = read_journal(out)
+        if overwrite:
+            shutil.rmtree(out)
+        elif journal is None:
+            raise SmileError(f"--out {out} already holds files that are not from an unfinished smile-stream run. Choose an empty folder, or pass --overwrite to replace its contents.")
+        elif journal.get("plan_hash") != plan.hash:
+            raise SmileError(
+                f"--out {out} holds a conversion made from different inputs or options (plan {str(journal.get('plan_hash'))[:12]}, "
+                f"now {plan.hash[:12]}), so it cannot be resumed. Run the original command again to finish it, or pass --overwrite to start over."
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".smile-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SmileError(f"--out {out} cannot be written ({exc.strerror}). Choose a writable folder.") from None

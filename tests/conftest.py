@@ -1,0 +1,43 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Builds tiny models on first use and caches them for the session: models(key) -> folder."""
+    from smile_stream import synthetic
+
+    root = tmp_path_factory.mktemp("models")
+    cache = {}
+    recipes = {
+        "llama": lambda p: synthetic.make_base(p, "llama", seed=10),
+        "mistral": lambda p: synthetic.make_base(p, "mistral", seed=11),
+        "qwen2": lambda p: synthetic.make_base(p, "qwen2", seed=12),
+    }
+
+    def get(key: str, **kwargs) -> Path:
+        if key not in cache:
+            family, _, kind = key.partition(":")
+            path = root / key.replace(":", "_")
+            if not kind:
+                recipes[family](path)
+            else:
+                base = get(family)
+                if kind.startswith("lora"):
+                    synthetic.make_lora(path, base, **kwargs)
+                else:
+                    synthetic.make_full_expert(path, base, **kwargs)
+            cache[key] = path
+        return cache[key]
+
+    return get

@@ -1,0 +1,99 @@
+"""The SMILE layer against the published reference implementation's outputs (shared/reference)."""
+
+import pytest
+import torch
+from conftest import REFERENCE
+from safetensors import safe_open
+from torch import nn
+
+from smile_stream import SmileLinear
+
+FILES = sorted(REFERENCE.glob("*.safetensors"))
+
+
+def _linear(tensors: dict, prefix: str) -> nn.Linear:
+    weight = tensors[prefix + ".weight"].float()
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=prefix + ".bias" in tensors)
+    layer.weight.data = weight
+    if layer.bias is not None:
+        layer.bias.data = tensors[prefix + ".bias"].float()
+    return layer
+
+
+def _reference(path):
+    handle = safe_open(str(path), "pt")
+    meta = handle.metadata()
+    tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    experts = [_linear(tensors, f"expert{i}") for i in range(int(meta["num_experts"]))]
+    layer = SmileLinear.from_linears(_linear(tensors, "pretrained"), experts, int(meta["gate_k"]), int(meta["k"]), int(meta["top_k"]))
+    return layer, tensors
+
+
+def test_reference_files_present():
+    assert len(FILES) >= 5, f"expected the reference vectors in {REFERENCE}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_matches_reference_implementation(path):
+    layer, t = _reference(path)
+    with torch.no_grad():
+        y = layer(t["x"].float())
+    torch.testing.assert_close(y, t["y"].float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_one_token_at_a_time_matches_reference(path):
+    # Single tokens take the sparse (decode) path where it applies; it must compute the same function.
+    layer, t = _reference(path)
+    x = t["x"].float().reshape(-1, t["x"].shape[-1])
+    with torch.no_grad():
+        y = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
+    torch.testing.assert_close(y, t["y"].float().reshape(y.shape), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_routing_matches_reference(path):
+    layer, t = _reference(path)
+    x = t["x"].float().reshape(-1, t["x"].shape[-1])
+    g, k = layer.gate_rank, layer.ranks[0]
+    h = torch.nn.functional.linear(x, layer.expert_down).view(x.shape[0], layer.num_experts, k)
+    logits = h[..., :g].norm(dim=-1)
+    if layer.num_experts > 1:  # with one expert the reference skips its gate and reports logits of 1
+        torch.testing.assert_close(logits, t["router_logits"].float(), rtol=1e-4, atol=1e-5)
+    weights = layer.routing_weights(logits)
+    picked = weights.topk(layer.top_k, dim=-1)
+    assert torch.equal(picked.indices.sort(-1).values, t["selected_experts"].long().sort(-1).values)
+
+
+def test_uneven_ranks_and_low_rank_gate():
+    # Experts of rank below the gate rank route on their own directions; null directions never route.
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16)
+    experts = []
+    for rank in (2, 6, 9):
+        e = nn.Linear(24, 16)
+        e.weight.data = base.weight.data + torch.randn(16, rank) @ torch.randn(rank, 24)
+        e.bias.data = base.bias.data.clone()
+        experts.append(e)
+    layer = SmileLinear.from_linears(base, experts, gate_rank=4, expert_rank=8, top_k=2)
+    assert layer.ranks == [8, 8, 8]
+    # rows beyond each delta's true rank are exactly zero
+    assert layer.expert_down[2:8].abs().max() == 0
+    x = torch.randn(5, 24)
+    y = layer(x)
+    expected = []
+    for token in x.double():
+        logits = []
+        for e, r in zip(experts, (2, 6, 9)):
+            u, s, vh = torch.linalg.svd((e.weight - base.weight).double().detach())
+            logits.append((vh[: min(4, r)] @ token).norm())
+        p = torch.softmax(torch.stack(logits), 0)
+        top, idx = p.topk(2)
+        top = top / top.sum()
+        out = base.weight.double() @ token + base.bias.double()
+        for w, i in zip(top, idx):
+            d = (experts[i].weight - base.weight).double()
+            u, s, vh = torch.linalg.svd(d.detach())
+            out = out + w * (u[:, :8] @ torch.diag(s[:8]) @ vh[:8] @ token)
+        expected.append(out)
+    torch.testing.assert_close(y.double(), torch.stack(expected).detach(), rtol=1e-4, atol=1e-5)
