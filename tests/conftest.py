@@ -41,3 +41,11 @@ def models(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_hf_home(tmp_path_factory):
+    # Remote code is copied into HF_MODULES_CACHE; keep it out of the user's cache.
+    home = tmp_path_factory.mktemp("hf_home")
+    os.environ["HF_HOME"] = str(home)
+    os.environ["HF_MODULES_CACHE"] = str(home / "modules")
