@@ -44,8 +44,12 @@ def _load_recipe(path: str) -> dict:
     unknown = sorted(set(recipe) - known)
     if unknown:
         raise SmileError(f"recipe {path}: unknown keys {unknown}. Known keys: {sorted(known)}.")
-    if not isinstance(recipe.get("experts", {}), dict):
-        raise SmileError(f"recipe {path}: 'experts' must be a table of name = \"path or hub id\".")
+    experts = recipe.get("experts", {})
+    if not isinstance(experts, dict) or not all(isinstance(v, str) for v in experts.values()):
+        raise SmileError(
+            f"recipe {path}: 'experts' must be a table of name = \"path or hub id\" strings. Options such as gate_rank "
+            "belong before the [experts] header: in TOML, keys after a header belong to its table."
+        )
     return recipe
 
 

@@ -92,9 +92,9 @@ class Progress:
 
     def _status(self) -> str:
         elapsed = now() - self.start
-        eta = elapsed * (self.total - self.done) / self.done if self.done else float("nan")
+        eta = f"{elapsed * (self.total - self.done) / self.done:5.0f}s" if self.done else "    ?"
         return (
-            f"{elapsed:6.1f}s elapsed, ETA {eta:5.0f}s, "
+            f"{elapsed:6.1f}s elapsed, ETA {eta}, "
             f"memory {format_bytes(self.memory.current)} (peak {format_bytes(self.memory.peak)})"
         )
 
