@@ -10,7 +10,15 @@ from .modeling_smile import SmileLinear, smile_model_class
 from .plan import Options, make_plan
 
 __all__ = [
-    "Options", "Result", "SmileError", "SmileLinear", "convert", "inspect_output", "load_model",
-    "make_plan", "model_class", "smile_model_class",
+    "Options",
+    "Result",
+    "SmileError",
+    "SmileLinear",
+    "convert",
+    "inspect_output",
+    "load_model",
+    "make_plan",
+    "model_class",
+    "smile_model_class",
 ]
 __version__ = "0.1.0"

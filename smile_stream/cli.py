@@ -14,8 +14,16 @@ from .errors import SmileError
 from .plan import Options, parse_size
 
 RECIPE_OPTIONS = {
-    "gate_rank": int, "top_k": int, "expert_rank": int, "dtype": str, "max_shard_size": parse_size,
-    "targets": str, "svd": str, "non_linear": str, "device": str, "trust_remote_code": bool,
+    "gate_rank": int,
+    "top_k": int,
+    "expert_rank": int,
+    "dtype": str,
+    "max_shard_size": parse_size,
+    "targets": str,
+    "svd": str,
+    "non_linear": str,
+    "device": str,
+    "trust_remote_code": bool,
 }
 
 
@@ -28,7 +36,9 @@ def _fail(debug: bool, exc: BaseException) -> None:
     if isinstance(exc, KeyboardInterrupt):
         click.echo("interrupted. Run the same command again to resume from the last finished shard.", err=True)
         sys.exit(130)
-    click.echo(f"internal error: {type(exc).__name__}: {exc}\nRun again with --debug for the traceback, and please report it.", err=True)
+    click.echo(
+        f"internal error: {type(exc).__name__}: {exc}\nRun again with --debug for the traceback, and please report it.", err=True
+    )
     sys.exit(1)
 
 
@@ -68,7 +78,13 @@ def main() -> None:
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--base", help="Base model: local folder or hub id.")
-@click.option("--expert", "experts", multiple=True, metavar="NAME=PATH", help="An expert: LoRA adapter or fine-tuned model (folder or hub id). Repeat.")
+@click.option(
+    "--expert",
+    "experts",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="An expert: LoRA adapter or fine-tuned model (folder or hub id). Repeat.",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--gate-rank", type=int, help="Router rank g (default 8).")
 @click.option("--top-k", type=int, help="Experts per token (default 1).")
@@ -77,7 +93,11 @@ def main() -> None:
 @click.option("--max-shard-size", help="Largest shard, e.g. 5GB (default), 500MB, 2GiB.")
 @click.option("--targets", help="Regex over module names to upscale (default: every linear in the decoder blocks).")
 @click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), help="SVD for full fine-tunes (default auto).")
-@click.option("--non-linear", type=click.Choice(["base", "average"]), help="Non-target parameters of full experts: from the base (default) or averaged.")
+@click.option(
+    "--non-linear",
+    type=click.Choice(["base", "average"]),
+    help="Non-target parameters of full experts: from the base (default) or averaged.",
+)
 @click.option("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:1 ...")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a base whose config asks for remote code.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")

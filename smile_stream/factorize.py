@@ -157,7 +157,11 @@ class Factorizer:
             rows = []
             for i in module.experts:
                 expert = self.plan.experts[i]
-                rows.append(expert.source.read(module.bias.name).float() - base_bias if expert.kind == "full" else torch.zeros_like(base_bias))
+                rows.append(
+                    expert.source.read(module.bias.name).float() - base_bias
+                    if expert.kind == "full"
+                    else torch.zeros_like(base_bias)
+                )
             tensors[module.name + ".expert_bias"] = torch.stack(rows).to(dtype).contiguous()
         return tensors
 

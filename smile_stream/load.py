@@ -62,5 +62,7 @@ def inspect_output(path: str | os.PathLike) -> str:
         lines.append(f"expert   {expert['name']:<12} {expert['kind']:<4}  {expert['source']}")
     lines += summarize_modules(config)
     lines.append(f"params   {base:,} base + {added:,} expert ({added / max(base, 1):.2%} overhead)")
-    lines.append(f"size     {index['metadata']['total_size']:,} tensor bytes in {len(set(index['weight_map'].values()))} shard(s)")
+    lines.append(
+        f"size     {index['metadata']['total_size']:,} tensor bytes in {len(set(index['weight_map'].values()))} shard(s)"
+    )
     return "\n".join(lines)

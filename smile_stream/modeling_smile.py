@@ -103,8 +103,15 @@ class SmileLinear(nn.Module):
         """Build a layer from the base weight/bias and each expert's `down` (k_i, in) and `up` (out, k_i)."""
         out_features, in_features = weight.shape
         layer = cls(
-            in_features, out_features, [d.shape[0] for d in downs], gate_rank, top_k,
-            bias=bias is not None, expert_bias=bias_deltas is not None, device=weight.device, dtype=weight.dtype,
+            in_features,
+            out_features,
+            [d.shape[0] for d in downs],
+            gate_rank,
+            top_k,
+            bias=bias is not None,
+            expert_bias=bias_deltas is not None,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         with torch.no_grad():
             layer.weight.copy_(weight)
@@ -117,9 +124,7 @@ class SmileLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linears(
-        cls, base: nn.Linear, experts: list[nn.Linear], gate_rank: int, expert_rank: int, top_k: int
-    ) -> SmileLinear:
+    def from_linears(cls, base: nn.Linear, experts: list[nn.Linear], gate_rank: int, expert_rank: int, top_k: int) -> SmileLinear:
         """Upscale a base `nn.Linear` with fine-tuned copies of it (exact truncated SVD of each delta)."""
         w0 = base.weight.detach().float()
         downs, ups, bias_deltas = [], [], []
@@ -132,8 +137,13 @@ class SmileLinear(nn.Module):
                 bias_deltas.append(expert.bias.detach() - base.bias.detach())
         changed = any(bool(d.any()) for d in bias_deltas)
         return cls.from_factors(
-            base.weight.detach(), None if base.bias is None else base.bias.detach(), downs, ups,
-            gate_rank, top_k, bias_deltas if changed else None,
+            base.weight.detach(),
+            None if base.bias is None else base.bias.detach(),
+            downs,
+            ups,
+            gate_rank,
+            top_k,
+            bias_deltas if changed else None,
         )
 
     def extra_repr(self) -> str:
@@ -200,9 +210,15 @@ def upscale_modules(model: nn.Module, smile: dict) -> None:
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
         layer = SmileLinear(
-            old.in_features, old.out_features, spec["ranks"], smile["gate_rank"], smile["top_k"],
-            bias=old.bias is not None, expert_bias=bool(spec.get("expert_bias")),
-            device=old.weight.device, dtype=old.weight.dtype,
+            old.in_features,
+            old.out_features,
+            spec["ranks"],
+            smile["gate_rank"],
+            smile["top_k"],
+            bias=old.bias is not None,
+            expert_bias=bool(spec.get("expert_bias")),
+            device=old.weight.device,
+            dtype=old.weight.dtype,
         )
         setattr(parent, child, layer)
 
@@ -247,7 +263,7 @@ def smile_model_class(base_class: type) -> type:
 def __getattr__(name: str) -> type:
     # transformers resolves `auto_map` entries like "modeling_smile.SmileLlamaForCausalLM" with
     # getattr on this module; build the class for the named transformers architecture on demand.
-    base = getattr(transformers, name[len("Smile"):], None) if name.startswith("Smile") else None
+    base = getattr(transformers, name[len("Smile") :], None) if name.startswith("Smile") else None
     if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
         return smile_model_class(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -160,7 +160,9 @@ def _check_options(options: Options, experts: list[tuple[str, str]]) -> None:
     if options.gate_rank < 1 or options.top_k < 1:
         raise SmileError("--gate-rank and --top-k must be at least 1.")
     if options.top_k > len(experts):
-        raise SmileError(f"--top-k {options.top_k} is larger than the number of experts ({len(experts)}). Use at most {len(experts)}.")
+        raise SmileError(
+            f"--top-k {options.top_k} is larger than the number of experts ({len(experts)}). Use at most {len(experts)}."
+        )
     if options.expert_rank is not None and options.expert_rank < options.gate_rank:
         raise SmileError(
             f"--gate-rank {options.gate_rank} is larger than --expert-rank {options.expert_rank}: the router reads the "
@@ -202,9 +204,15 @@ def discover_linears(base: Checkpoint, trust_remote_code: bool) -> tuple[str, di
         with init_empty_weights():
             model = getattr(transformers, arch)._from_config(config)
     except Exception as exc:  # noqa: BLE001 - any failure here means transformers cannot build this config
-        raise SmileError(f"{config_path}: transformers {transformers.__version__} cannot build {arch} from this config ({exc}).") from None
+        raise SmileError(
+            f"{config_path}: transformers {transformers.__version__} cannot build {arch} from this config ({exc})."
+        ) from None
     block_types = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = {n: int(n.rsplit(".", 1)[1]) for n, m in model.named_modules() if type(m).__name__ in block_types and n.rsplit(".", 1)[-1].isdigit()}
+    blocks = {
+        n: int(n.rsplit(".", 1)[1])
+        for n, m in model.named_modules()
+        if type(m).__name__ in block_types and n.rsplit(".", 1)[-1].isdigit()
+    }
     linears = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -237,13 +245,21 @@ def _select_targets(base: Checkpoint, linears: dict, pattern: str | None) -> dic
     if conv:
         raise SmileError(f"{conv[0]} is a GPT-2-style Conv1D layer; smile-stream upscales nn.Linear layers only.")
     if not chosen:
-        raise SmileError(f"No linear layer of the base matches --targets {pattern!r}." if pattern else "The base model has no linear layers inside its decoder blocks.")
+        raise SmileError(
+            f"No linear layer of the base matches --targets {pattern!r}."
+            if pattern
+            else "The base model has no linear layers inside its decoder blocks."
+        )
     for name, (fan_in, fan_out, _) in chosen.items():
         info = base.tensors.get(name + ".weight")
         if info is None:
-            raise SmileError(f"{base.folder}: the model has a linear layer {name!r} but its checkpoint has no tensor {name + '.weight'!r}. Is this checkpoint saved with a different key layout (prefix)?")
+            raise SmileError(
+                f"{base.folder}: the model has a linear layer {name!r} but its checkpoint has no tensor {name + '.weight'!r}. Is this checkpoint saved with a different key layout (prefix)?"
+            )
         if info.shape != (fan_out, fan_in):
-            raise SmileError(f"{info.file}: tensor {info.name!r} has shape {list(info.shape)}, but the config implies {[fan_out, fan_in]}. The config and the weights disagree.")
+            raise SmileError(
+                f"{info.file}: tensor {info.name!r} has shape {list(info.shape)}, but the config implies {[fan_out, fan_in]}. The config and the weights disagree."
+            )
     return chosen
 
 
@@ -252,9 +268,13 @@ def _lora_touches(adapter: LoraAdapter, name: str, linears: dict, targets: dict)
     for module, lora in adapter.modules.items():
         where = adapter.folder / "adapter_model.safetensors"
         if module not in linears:
-            raise SmileError(f"{where}: expert {name!r} adapts {module!r}, which is not a module of the base model. Is this adapter for a different base?")
+            raise SmileError(
+                f"{where}: expert {name!r} adapts {module!r}, which is not a module of the base model. Is this adapter for a different base?"
+            )
         if module not in targets:
-            raise SmileError(f"{where}: expert {name!r} adapts {module!r}, which is not a target. Widen --targets to include it, or use an adapter without it.")
+            raise SmileError(
+                f"{where}: expert {name!r} adapts {module!r}, which is not a target. Widen --targets to include it, or use an adapter without it."
+            )
         fan_in, fan_out, _ = targets[module]
         if lora.a.shape[1] != fan_in or lora.b.shape[0] != fan_out:
             raise SmileError(
@@ -270,11 +290,17 @@ def _full_touches(base: Checkpoint, expert: Checkpoint, name: str, targets: dict
     for tensor, info in base.tensors.items():
         other = expert.tensors.get(tensor)
         if other is None:
-            raise SmileError(f"{expert.folder}: expert {name!r} has no tensor {tensor!r}, which the base has. Is it a fine-tune of this base?")
+            raise SmileError(
+                f"{expert.folder}: expert {name!r} has no tensor {tensor!r}, which the base has. Is it a fine-tune of this base?"
+            )
         if other.shape != info.shape:
-            raise SmileError(f"{other.file}: expert {name!r}, tensor {tensor!r} has shape {list(other.shape)} but the base's is {list(info.shape)}. Is it a fine-tune of this base (same architecture and vocabulary)?")
+            raise SmileError(
+                f"{other.file}: expert {name!r}, tensor {tensor!r} has shape {list(other.shape)} but the base's is {list(info.shape)}. Is it a fine-tune of this base (same architecture and vocabulary)?"
+            )
         if other.dtype != info.dtype:
-            raise SmileError(f"{other.file}: expert {name!r}, tensor {tensor!r} is {other.dtype} but the base's is {info.dtype}. Save both in the same dtype.")
+            raise SmileError(
+                f"{other.file}: expert {name!r}, tensor {tensor!r} is {other.dtype} but the base's is {info.dtype}. Save both in the same dtype."
+            )
     touched, bias_changed = {}, set()
     for module, (fan_in, fan_out, _) in targets.items():
         if _bytes_differ(base.tensors[module + ".weight"], expert.tensors[module + ".weight"]):
@@ -335,7 +361,9 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
     device = resolve_device(options.device)
     base = open_source(base_ref)
     if isinstance(base, LoraAdapter):
-        raise SmileError(f"--base {base_ref} is a LoRA adapter; the base must be a full model folder (config.json + *.safetensors).")
+        raise SmileError(
+            f"--base {base_ref} is a LoRA adapter; the base must be a full model folder (config.json + *.safetensors)."
+        )
     experts = [Expert(name, open_source(ref)) for name, ref in expert_refs]
     arch, linears = discover_linears(base, options.trust_remote_code)
     targets = _select_targets(base, linears, options.targets)
@@ -350,7 +378,9 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
             ranks, biased = _full_touches(base, expert.source, expert.name, targets)
             bias_modules |= biased
             if not ranks:
-                raise SmileError(f"{expert.source.folder}: expert {expert.name!r} has the same weights as the base in every target module. Remove it.")
+                raise SmileError(
+                    f"{expert.source.folder}: expert {expert.name!r} has the same weights as the base in every target module. Remove it."
+                )
         for module, rank in ranks.items():
             touched.setdefault(module, {})[index] = rank
 
@@ -361,7 +391,9 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
         order = sorted(touched[name])
         ranks = [_expert_rank(experts[i], touched[name][i], options) for i in order]
         dtype = DTYPE_CODES[getattr(torch, options.dtype)] if options.dtype else weight.dtype
-        modules[name] = ModulePlan(name, layer, fan_in, fan_out, weight, base.tensors.get(name + ".bias"), order, ranks, name in bias_modules, dtype)
+        modules[name] = ModulePlan(
+            name, layer, fan_in, fan_out, weight, base.tensors.get(name + ".bias"), order, ranks, name in bias_modules, dtype
+        )
 
     changed = _changed_non_targets(base, experts, targets)
     tensors = _output_tensors(base, modules, options, linears, changed)
@@ -372,7 +404,15 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
 
 
 def _check_same_architecture(base: Checkpoint, expert: Expert) -> None:
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads", "num_key_value_heads"):
+    for key in (
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "vocab_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ):
         if key in base.config and expert.source.config.get(key) != base.config[key]:
             raise SmileError(
                 f"{expert.source.folder / 'config.json'}: expert {expert.name!r} has {key} = {expert.source.config.get(key)!r} "
@@ -398,7 +438,9 @@ def _changed_non_targets(base: Checkpoint, experts: list[Expert], targets: dict)
     return changed
 
 
-def _output_tensors(base: Checkpoint, modules: dict[str, ModulePlan], options: Options, linears: dict, changed: dict) -> list[TensorPlan]:
+def _output_tensors(
+    base: Checkpoint, modules: dict[str, ModulePlan], options: Options, linears: dict, changed: dict
+) -> list[TensorPlan]:
     blocks = {}
     for name, (_, _, layer) in linears.items():
         if layer >= 0:
@@ -409,16 +451,31 @@ def _output_tensors(base: Checkpoint, modules: dict[str, ModulePlan], options: O
         dtype = info.dtype
         if options.dtype and info.dtype in FLOAT_CODES:
             dtype = DTYPE_CODES[getattr(torch, options.dtype)]
-        role = "average" if options.non_linear == "average" and info.name in changed else ("copy" if dtype == info.dtype else "cast")
+        role = (
+            "average" if options.non_linear == "average" and info.name in changed else ("copy" if dtype == info.dtype else "cast")
+        )
         layer = _layer_of(info.name, blocks)
         out.append(TensorPlan(info.name, dtype, info.shape, layer, role, source=info))
         module = modules.get(info.name.removesuffix(".weight")) if info.name.endswith(".weight") else None
         if module is not None:
             k = sum(module.ranks)
-            out.append(TensorPlan(module.name + ".expert_down", module.dtype, (k, module.in_features), layer, "down", module=module.name))
-            out.append(TensorPlan(module.name + ".expert_up", module.dtype, (module.out_features, k), layer, "up", module=module.name))
+            out.append(
+                TensorPlan(module.name + ".expert_down", module.dtype, (k, module.in_features), layer, "down", module=module.name)
+            )
+            out.append(
+                TensorPlan(module.name + ".expert_up", module.dtype, (module.out_features, k), layer, "up", module=module.name)
+            )
             if module.expert_bias:
-                out.append(TensorPlan(module.name + ".expert_bias", module.dtype, (len(module.ranks), module.out_features), layer, "bias", module=module.name))
+                out.append(
+                    TensorPlan(
+                        module.name + ".expert_bias",
+                        module.dtype,
+                        (len(module.ranks), module.out_features),
+                        layer,
+                        "bias",
+                        module=module.name,
+                    )
+                )
     return out
 
 
@@ -483,4 +540,3 @@ def describe(plan: Plan) -> str:
         f"+{plan.added_params / 1e6:,.2f} M parameters ({overhead:.2%} over the base)"
     )
     return "\n".join(lines)
-

@@ -21,9 +21,18 @@ from safetensors import safe_open
 from .errors import SmileError
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
 FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
@@ -139,7 +148,9 @@ class Checkpoint:
         self.folder, self.source = folder, source
         config_path = folder / "config.json"
         if not config_path.is_file():
-            raise SmileError(f"{folder} has no config.json, so it is not a Hugging Face model folder. Point to the folder that holds config.json and the *.safetensors weights.")
+            raise SmileError(
+                f"{folder} has no config.json, so it is not a Hugging Face model folder. Point to the folder that holds config.json and the *.safetensors weights."
+            )
         self.config = _load_json(config_path, "model config")
         self.files = [read_safetensors_header(p) for p in self._weight_files()]
         self.tensors: dict[str, TensorInfo] = {}
@@ -218,7 +229,9 @@ class LoraAdapter:
         self.config = _load_json(folder / ADAPTER_CONFIG, "adapter config")
         weights = folder / ADAPTER_WEIGHTS
         if not weights.is_file():
-            raise SmileError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}. Save the adapter with safetensors (peft's default).")
+            raise SmileError(
+                f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}. Save the adapter with safetensors (peft's default)."
+            )
         self.file = read_safetensors_header(weights)
         self._check_config()
         self.modules = self._modules()
@@ -235,7 +248,9 @@ class LoraAdapter:
         }
         for key, why in refusals.items():
             if cfg.get(key):
-                raise SmileError(f"{where}: {key} is set. {why}; smile-stream refuses such adapters. Merge it into a full fine-tune and pass that folder as the expert instead.")
+                raise SmileError(
+                    f"{where}: {key} is set. {why}; smile-stream refuses such adapters. Merge it into a full fine-tune and pass that folder as the expert instead."
+                )
         init = cfg.get("init_lora_weights", True)
         if isinstance(init, str) and init.lower() not in ("gaussian", "true"):
             raise SmileError(
@@ -244,7 +259,9 @@ class LoraAdapter:
                 "LoRA first (peft's `save_pretrained(..., path_initial_model_for_weight_conversion=...)`) or merge it."
             )
         if cfg.get("loftq_config"):
-            raise SmileError(f"{where}: loftq_config is set; LoftQ adapters change the base weights. Merge the adapter and pass the full model instead.")
+            raise SmileError(
+                f"{where}: loftq_config is set; LoftQ adapters change the base weights. Merge the adapter and pass the full model instead."
+            )
 
     def _modules(self) -> dict[str, LoraModule]:
         where = self.folder / ADAPTER_WEIGHTS
@@ -264,10 +281,14 @@ class LoraAdapter:
         modules = {}
         for module, pair in sorted(pairs.items()):
             if set(pair) != {"A", "B"}:
-                raise SmileError(f"{where}: module {module!r} has lora_{'A' if 'A' in pair else 'B'} but no lora_{'B' if 'A' in pair else 'A'}. The adapter is incomplete; save it again.")
+                raise SmileError(
+                    f"{where}: module {module!r} has lora_{'A' if 'A' in pair else 'B'} but no lora_{'B' if 'A' in pair else 'A'}. The adapter is incomplete; save it again."
+                )
             a, b = pair["A"], pair["B"]
             if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-                raise SmileError(f"{where}: module {module!r} has lora_A of shape {list(a.shape)} and lora_B of shape {list(b.shape)}; their ranks disagree. The adapter is corrupted.")
+                raise SmileError(
+                    f"{where}: module {module!r} has lora_A of shape {list(a.shape)} and lora_B of shape {list(b.shape)}; their ranks disagree. The adapter is corrupted."
+                )
             rank = a.shape[0]
             config_rank = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank)))
             if config_rank != rank:

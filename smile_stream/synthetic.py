@@ -17,14 +17,31 @@ FAMILIES = {
 }
 
 
-def tiny_config(family: str = "llama", hidden: int = 64, layers: int = 2, intermediate: int = 128, vocab: int = 320, heads: int = 4, kv_heads: int = 2):
+def tiny_config(
+    family: str = "llama",
+    hidden: int = 64,
+    layers: int = 2,
+    intermediate: int = 128,
+    vocab: int = 320,
+    heads: int = 4,
+    kv_heads: int = 2,
+):
     import transformers
 
     config_name, _, extra = FAMILIES[family]
     return getattr(transformers, config_name)(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **extra,
     )
 
 
@@ -38,11 +55,20 @@ def save_byte_tokenizer(folder: str | Path) -> None:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
     fast.save_pretrained(str(folder))
 
 
-def make_base(folder: str | Path, family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str = "5GB", **sizes) -> Path:
+def make_base(
+    folder: str | Path,
+    family: str = "llama",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str = "5GB",
+    **sizes,
+) -> Path:
     """A random model of the given family, saved as a Hugging Face folder with a tokenizer."""
     import transformers
 
@@ -59,8 +85,14 @@ def make_base(folder: str | Path, family: str = "llama", seed: int = 0, dtype: t
 
 
 def make_lora(
-    folder: str | Path, base: str | Path, r: int = 8, targets: list[str] | str = "all-linear", alpha: float = 16,
-    seed: int = 1, scale_b: float = 1.0, **lora_kwargs,
+    folder: str | Path,
+    base: str | Path,
+    r: int = 8,
+    targets: list[str] | str = "all-linear",
+    alpha: float = 16,
+    seed: int = 1,
+    scale_b: float = 1.0,
+    **lora_kwargs,
 ) -> Path:
     """A random PEFT LoRA adapter for the base at `base` (B non-zero)."""
     import transformers
@@ -79,8 +111,14 @@ def make_lora(
 
 
 def make_full_expert(
-    folder: str | Path, base: str | Path, seed: int = 2, rank: int = 8, noise: float = 0.002, strength: float = 0.05,
-    modules: str | None = None, bias_noise: float = 0.01,
+    folder: str | Path,
+    base: str | Path,
+    seed: int = 2,
+    rank: int = 8,
+    noise: float = 0.002,
+    strength: float = 0.05,
+    modules: str | None = None,
+    bias_noise: float = 0.01,
 ) -> Path:
     """A "full fine-tune" of the base: every linear weight in the decoder blocks (or those whose name
     contains `modules`) plus a random rank-`rank` delta and dense noise; other tensors unchanged."""

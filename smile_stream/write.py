@@ -27,8 +27,16 @@ from .plan import Plan, ShardPlan, TensorPlan
 JOURNAL = "smile-journal.json"
 REMOTE_CODE = "modeling_smile.py"
 COPIED_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 HASH_CHUNK = 1 << 26
 
@@ -115,7 +123,9 @@ def model_card(plan: Plan, command: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_shards(plan: Plan, out: Path, produce: Callable[[TensorPlan], torch.Tensor], on_shard: Callable[[ShardPlan, bool], None]) -> None:
+def write_shards(
+    plan: Plan, out: Path, produce: Callable[[TensorPlan], torch.Tensor], on_shard: Callable[[ShardPlan, bool], None]
+) -> None:
     """Write every shard not already finished, then the index. `produce` makes non-copied tensors."""
     journal = read_journal(out) or {}
     if journal.get("plan_hash") != plan.hash:
@@ -130,7 +140,10 @@ def write_shards(plan: Plan, out: Path, produce: Callable[[TensorPlan], torch.Te
         atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
         on_shard(shard, False)
     weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
-    index = {"metadata": {"total_size": plan.total_size, "smile_plan_hash": plan.hash}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": plan.total_size, "smile_plan_hash": plan.hash},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     atomic_write(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
 
 
@@ -158,7 +171,9 @@ def _write_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], t
         fd = -1
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
-            raise SmileError(f"The disk holding {path.parent} is full while writing {shard.filename} ({shard.size:,} bytes). Free space and run the same command again: finished shards are kept.") from None
+            raise SmileError(
+                f"The disk holding {path.parent} is full while writing {shard.filename} ({shard.size:,} bytes). Free space and run the same command again: finished shards are kept."
+            ) from None
         raise
     finally:
         if fd >= 0:
@@ -225,7 +240,9 @@ def prepare_output(out: Path, plan: Plan, overwrite: bool) -> None:
         if overwrite:
             shutil.rmtree(out)
         elif journal is None:
-            raise SmileError(f"--out {out} already holds files that are not from an unfinished smile-stream run. Choose an empty folder, or pass --overwrite to replace its contents.")
+            raise SmileError(
+                f"--out {out} already holds files that are not from an unfinished smile-stream run. Choose an empty folder, or pass --overwrite to replace its contents."
+            )
         elif journal.get("plan_hash") != plan.hash:
             raise SmileError(
                 f"--out {out} holds a conversion made from different inputs or options (plan {str(journal.get('plan_hash'))[:12]}, "

@@ -17,7 +17,14 @@ from smile_stream import Options, convert
 ADAPTERS = {  # name: make_lora keyword arguments
     "qv": dict(r=4, alpha=8, targets=["q_proj", "v_proj"], seed=1),
     "rs": dict(r=8, alpha=16, targets="all-linear", use_rslora=True, seed=2),
-    "pat": dict(r=6, alpha=12, targets=["k_proj", "o_proj", "gate_proj", "down_proj"], rank_pattern={"o_proj": 3}, alpha_pattern={"down_proj": 20}, seed=3),
+    "pat": dict(
+        r=6,
+        alpha=12,
+        targets=["k_proj", "o_proj", "gate_proj", "down_proj"],
+        rank_pattern={"o_proj": 3},
+        alpha_pattern={"down_proj": 20},
+        seed=3,
+    ),
 }
 GATE_RANK, TOP_K = 4, 2
 
@@ -149,9 +156,10 @@ def test_small_shards_hold_every_tensor_once(models, tmp_path):
     config = json.loads((out / "config.json").read_text())
     expert_keys = {f"{m}.{s}" for m in config["smile"]["modules"] for s in ("expert_down", "expert_up")}
     assert set(seen) == base_keys | expert_keys
-    assert sum((out / s).stat().st_size for s in shards) == sum(
-        8 + int.from_bytes((out / s).read_bytes()[:8], "little") for s in shards
-    ) + total
+    assert (
+        sum((out / s).stat().st_size for s in shards)
+        == sum(8 + int.from_bytes((out / s).read_bytes()[:8], "little") for s in shards) + total
+    )
 
 
 def test_generate_and_offload(models, converted, tmp_path):
@@ -160,7 +168,14 @@ def test_generate_and_offload(models, converted, tmp_path):
     model = smile_stream.load_model(out, device_map="auto")
     tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     # disk offload of a decoder layer holding SMILE layers, and a CPU budget too small for anything
-    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    placement = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     offloaded = smile_stream.load_model(out, device_map=placement, offload_folder=str(tmp_path / "off"))
     assert "disk" in set(offloaded.hf_device_map.values())
     assert torch.equal(tokens, offloaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
@@ -192,7 +207,7 @@ sys.modules["smile_stream"] = None  # make `import smile_stream` fail
 import transformers
 model = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, device_map="auto")
 ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
-torch.save(model(ids).logits.detach(), {str(tmp_path / 'logits.pt')!r})
+torch.save(model(ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
 print(type(model.model.layers[0].self_attn.q_proj).__module__)
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

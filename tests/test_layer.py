@@ -25,7 +25,9 @@ def _reference(path):
     meta = handle.metadata()
     tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     experts = [_linear(tensors, f"expert{i}") for i in range(int(meta["num_experts"]))]
-    layer = SmileLinear.from_linears(_linear(tensors, "pretrained"), experts, int(meta["gate_k"]), int(meta["k"]), int(meta["top_k"]))
+    layer = SmileLinear.from_linears(
+        _linear(tensors, "pretrained"), experts, int(meta["gate_k"]), int(meta["k"]), int(meta["top_k"])
+    )
     return layer, tensors
 
 

@@ -29,7 +29,9 @@ def main() -> None:
         synthetic.make_base(demo / "base", "llama", seed=0, **sizes)
         synthetic.make_lora(demo / "lora-attention", demo / "base", r=8, targets=["q_proj", "v_proj"], seed=1)
         synthetic.make_lora(demo / "lora-all", demo / "base", r=16, targets="all-linear", seed=2)
-        synthetic.make_lora(demo / "lora-mlp", demo / "base", r=4, targets=["gate_proj", "up_proj", "down_proj"], use_rslora=True, seed=3)
+        synthetic.make_lora(
+            demo / "lora-mlp", demo / "base", r=4, targets=["gate_proj", "up_proj", "down_proj"], use_rslora=True, seed=3
+        )
     print(f"inputs ready in {demo} ({time.perf_counter() - start:.1f}s)\n")
 
     cli = [sys.executable, "-m", "smile_stream.cli"]
@@ -44,7 +46,7 @@ def main() -> None:
         tokens = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     placed = sorted({str(v) for v in getattr(model, "hf_device_map", {"": model.device}).values()})
     print(f"\nloaded {type(model).__name__} with device_map='auto' on {placed}")
-    print(f"generated token ids: {tokens[0, prompt['input_ids'].shape[1]:].tolist()} (random weights: the text is noise)")
+    print(f"generated token ids: {tokens[0, prompt['input_ids'].shape[1] :].tolist()} (random weights: the text is noise)")
     print(f"demo finished in {time.perf_counter() - start:.1f}s")
 
 
