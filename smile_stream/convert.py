@@ -10,7 +10,7 @@ import torch
 
 from .factorize import Factorizer, prefetch
 from .measure import PeakMemory, format_bytes, now
-from .plan import Options, Plan, ShardPlan, TensorPlan, describe, make_plan
+from .plan import Options, Plan, ShardPlan, TensorPlan, describe, make_plan, non_target_notes
 from .sources import DTYPES
 from .write import prepare_output, write_metadata, write_shards
 
@@ -81,6 +81,9 @@ class Progress:
         if not self.quiet:
             print(text, file=sys.stderr, flush=True)
 
+    def note(self, text: str) -> None:
+        self._print(text)
+
     def layer(self, layer: int) -> None:
         self._print(f"  layer {layer:>3} factored   {self._status()}")
 
@@ -125,6 +128,8 @@ def convert(
             return Result(plan, now() - start, memory.peak, 0, 0)
         prepare_output(out, plan, overwrite)
         progress = Progress(plan, memory, quiet)
+        for line in non_target_notes(plan):
+            progress.note(line)
         counts = {True: 0, False: 0}
 
         def on_shard(shard: ShardPlan, kept: bool) -> None:

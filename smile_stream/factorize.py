@@ -16,7 +16,7 @@ from .modeling_smile import low_rank_factors
 from .plan import ModulePlan, Plan
 from .sources import DTYPES, TensorInfo
 
-OVERSAMPLES = 16
+OVERSAMPLES = 16  # extra range-finder columns: max(OVERSAMPLES, rank // 4)
 POWER_ITERATIONS = 4
 
 
@@ -54,7 +54,7 @@ def truncated_svd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SMILE factors (down (B, k, in), up (B, out, k)) of a batch of deltas (B, out, in).
 
-    `randomized` is Halko-Martinsson-Tropp: a Gaussian range finder with `OVERSAMPLES` extra
+    `randomized` is Halko-Martinsson-Tropp: a Gaussian range finder with `oversamples(rank)` extra
     columns and `POWER_ITERATIONS` QR-stabilised power iterations. Its Gaussian test matrices are
     drawn on the CPU from `seeds` (one per delta), so every device draws the same ones.
     """
@@ -63,7 +63,7 @@ def truncated_svd(
     if method == "exact":
         u, s, vh = torch.linalg.svd(deltas, full_matrices=False)
         return low_rank_factors(u, s, vh, rank)
-    width = min(rank + OVERSAMPLES, rows, cols)
+    width = min(rank + oversamples(rank), rows, cols)
     tests = []
     for seed in seeds or [0] * deltas.shape[0]:
         generator = torch.Generator().manual_seed(seed)
@@ -76,11 +76,15 @@ def truncated_svd(
     return low_rank_factors(q @ u, s, vh, rank)
 
 
+def oversamples(rank: int) -> int:
+    return max(OVERSAMPLES, rank // 4)
+
+
 def choose_svd(method: str, rank: int, rows: int, cols: int) -> str:
     """`auto`: randomized when the rank (with oversampling) is small against the matrix."""
     if method != "auto":
         return method
-    return "randomized" if 4 * (rank + OVERSAMPLES) <= min(rows, cols) else "exact"
+    return "randomized" if 4 * (rank + oversamples(rank)) <= min(rows, cols) else "exact"
 
 
 class Factorizer:
@@ -168,7 +172,9 @@ class Factorizer:
     def average(self, name: str) -> torch.Tensor:
         """The mean of a non-target parameter over the full experts (`--non-linear average`)."""
         fulls = [e.source for e in self.plan.experts if e.kind == "full"]
-        total = sum(source.read(name).double() for source in fulls)
+        total = fulls[0].read(name).float()
+        for source in fulls[1:]:
+            total += source.read(name).float()
         return total / len(fulls)
 
 

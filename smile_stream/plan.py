@@ -104,7 +104,8 @@ class Plan:
     shards: list[ShardPlan]
     config: dict
     hash: str
-    changed_non_targets: dict[str, list[str]] = field(default_factory=dict)  # tensor -> experts that changed it
+    # non-target tensor -> {full expert: relative difference ||W_i - W0|| / ||W0||}, where it is not 0
+    changed_non_targets: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def total_size(self) -> int:
@@ -426,16 +427,29 @@ def _expert_rank(expert: Expert, natural: int, options: Options) -> int:
     return min(natural, options.expert_rank or DEFAULT_FULL_EXPERT_RANK)
 
 
-def _changed_non_targets(base: Checkpoint, experts: list[Expert], targets: dict) -> dict[str, list[str]]:
+def _changed_non_targets(base: Checkpoint, experts: list[Expert], targets: dict) -> dict[str, dict[str, float]]:
     target_tensors = {m + s for m in targets for s in (".weight", ".bias")}
-    changed: dict[str, list[str]] = {}
+    changed: dict[str, dict[str, float]] = {}
     for expert in experts:
         if expert.kind != "full":
             continue
         for name, info in base.tensors.items():
             if name not in target_tensors and _bytes_differ(info, expert.source.tensors[name]):
-                changed.setdefault(name, []).append(expert.name)
+                changed.setdefault(name, {})[expert.name] = _relative_difference(base, expert.source, name)
     return changed
+
+
+def _relative_difference(base: Checkpoint, expert: Checkpoint, name: str, rows: int = 4096) -> float:
+    # Row blocks keep float32 copies of a large embedding table small.
+    w0, w1 = base.read(name), expert.read(name)
+    if w0.dim() == 0:
+        w0, w1 = w0.view(1), w1.view(1)
+    diff = norm = 0.0
+    for start in range(0, w0.shape[0], rows):
+        a, b = w0[start : start + rows].double(), w1[start : start + rows].double()
+        diff += float((b - a).pow(2).sum())
+        norm += float(a.pow(2).sum())
+    return (diff / norm) ** 0.5 if norm else float("inf")
 
 
 def _output_tensors(
@@ -522,6 +536,19 @@ def summarize_modules(smile: dict) -> list[str]:
     return lines
 
 
+def non_target_notes(plan: Plan) -> list[str]:
+    """One line per non-target tensor that some full expert changed, with the relative difference."""
+    how = (
+        "averaged over the full experts"
+        if plan.options.non_linear == "average"
+        else "taken from the base (--non-linear average to average)"
+    )
+    return [
+        f"note     {tensor} differs in " + ", ".join(f"{e} ({d:.2%})" for e, d in diffs.items()) + f": {how}"
+        for tensor, diffs in sorted(plan.changed_non_targets.items())
+    ]
+
+
 def describe(plan: Plan) -> str:
     """A human summary of the plan: what `--dry-run` prints."""
     lines = [f"base     {plan.base.source}  ({plan.base_params / 1e6:,.1f} M parameters)"]
@@ -531,9 +558,7 @@ def describe(plan: Plan) -> str:
     opts = plan.options
     lines.append(f"routing  gate rank {opts.gate_rank}, top-{opts.top_k}; device {plan.device}; svd {opts.svd}")
     lines += summarize_modules(plan.config["smile"])
-    for tensor, names in sorted(plan.changed_non_targets.items()):
-        how = "averaged" if opts.non_linear == "average" else "taken from the base"
-        lines.append(f"note     {tensor} differs in {', '.join(names)}: {how} (--non-linear)")
+    lines += non_target_notes(plan)
     overhead = plan.added_params / max(plan.base_params, 1)
     lines.append(
         f"output   {plan.output_bytes / 1e6:,.1f} MB in {len(plan.shards)} shard(s); "
