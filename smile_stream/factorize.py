@@ -172,9 +172,10 @@ class Factorizer:
     def average(self, name: str) -> torch.Tensor:
         """The mean of a non-target parameter over the full experts (`--non-linear average`)."""
         fulls = [e.source for e in self.plan.experts if e.kind == "full"]
-        total = fulls[0].read(name).float()
-        for source in fulls[1:]:
-            total += source.read(name).float()
+        rows = self.plan.base.tensors[name].shape[:1]  # experts that added tokens: the base's rows only
+        total = torch.zeros(self.plan.base.tensors[name].shape)
+        for source in fulls:
+            total += source.read(name)[: rows[0]].float() if rows else source.read(name).float()
         return total / len(fulls)
 
 

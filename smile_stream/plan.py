@@ -294,7 +294,7 @@ def _full_touches(base: Checkpoint, expert: Checkpoint, name: str, targets: dict
             raise SmileError(
                 f"{expert.folder}: expert {name!r} has no tensor {tensor!r}, which the base has. Is it a fine-tune of this base?"
             )
-        if other.shape != info.shape:
+        if other.shape != info.shape and not _added_tokens(info, other, targets):
             raise SmileError(
                 f"{other.file}: expert {name!r}, tensor {tensor!r} has shape {list(other.shape)} but the base's is {list(info.shape)}. Is it a fine-tune of this base (same architecture and vocabulary)?"
             )
@@ -311,6 +311,13 @@ def _full_touches(base: Checkpoint, expert: Checkpoint, name: str, targets: dict
             touched.setdefault(module, min(fan_in, fan_out))
             bias_changed.add(module)
     return touched, bias_changed
+
+
+def _added_tokens(base: TensorInfo, other: TensorInfo, targets: dict) -> bool:
+    """A non-target table (embeddings, lm_head) with extra rows: an expert that added tokens.
+    Its first rows line up with the base's; the added rows are not used (the base tokenizer is kept)."""
+    module = base.name.rsplit(".", 1)[0]
+    return module not in targets and other.shape[1:] == base.shape[1:] and other.shape[0] > base.shape[0]
 
 
 def _bytes_differ(a: TensorInfo, b: TensorInfo, chunk: int = 1 << 24) -> bool:
@@ -410,7 +417,6 @@ def _check_same_architecture(base: Checkpoint, expert: Expert) -> None:
         "hidden_size",
         "num_hidden_layers",
         "intermediate_size",
-        "vocab_size",
         "num_attention_heads",
         "num_key_value_heads",
     ):
@@ -419,6 +425,12 @@ def _check_same_architecture(base: Checkpoint, expert: Expert) -> None:
                 f"{expert.source.folder / 'config.json'}: expert {expert.name!r} has {key} = {expert.source.config.get(key)!r} "
                 f"but the base has {base.config[key]!r}. Experts must be fine-tunes of the base (same architecture and sizes)."
             )
+    vocab, base_vocab = expert.source.config.get("vocab_size"), base.config.get("vocab_size")
+    if isinstance(vocab, int) and isinstance(base_vocab, int) and vocab < base_vocab:
+        raise SmileError(
+            f"{expert.source.folder / 'config.json'}: expert {expert.name!r} has vocab_size = {vocab} but the base has "
+            f"{base_vocab}. An expert may add tokens to the base's vocabulary, not remove them."
+        )
 
 
 def _expert_rank(expert: Expert, natural: int, options: Options) -> int:
@@ -442,6 +454,7 @@ def _changed_non_targets(base: Checkpoint, experts: list[Expert], targets: dict)
 def _relative_difference(base: Checkpoint, expert: Checkpoint, name: str, rows: int = 4096) -> float:
     # Row blocks keep float32 copies of a large embedding table small.
     w0, w1 = base.read(name), expert.read(name)
+    w1 = w1[: w0.shape[0]] if w0.dim() else w1  # an expert with added tokens: compare the base's rows
     if w0.dim() == 0:
         w0, w1 = w0.view(1), w1.view(1)
     diff = norm = 0.0
@@ -543,10 +556,20 @@ def non_target_notes(plan: Plan) -> list[str]:
         if plan.options.non_linear == "average"
         else "taken from the base (--non-linear average to average)"
     )
-    return [
+    lines = [
         f"note     {tensor} differs in " + ", ".join(f"{e} ({d:.2%})" for e, d in diffs.items()) + f": {how}"
         for tensor, diffs in sorted(plan.changed_non_targets.items())
     ]
+    base_vocab = plan.base.config.get("vocab_size")
+    for e in plan.experts:
+        vocab = e.source.config.get("vocab_size") if e.kind == "full" else None
+        if isinstance(vocab, int) and isinstance(base_vocab, int) and vocab > base_vocab:
+            lines.append(
+                f"note     expert {e.name} has {vocab - base_vocab} added tokens (vocab {vocab}, base {base_vocab}): their "
+                "embedding and output rows are dropped and the base tokenizer is kept"
+            )
+    return lines
+
 
 
 def describe(plan: Plan) -> str:

@@ -106,12 +106,31 @@ def test_non_target_changes_reported_and_averaged(models, tmp_path):
     torch.testing.assert_close(norm_weight(out_avg), w0 + 0.2)
 
 
-def test_different_vocabulary_is_a_clear_error(models, tmp_path):
-    from smile_stream import synthetic
+def test_expert_with_added_tokens(models, tmp_path):
+    # Like dolphin-2.1-mistral-7b over Mistral-7B: extra embedding rows are dropped, with a note.
+    base = models("llama")
+    folder = tmp_path / "added"
+    shutil.copytree(models("llama:full_0", seed=20), folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = torch.cat([tensors[name], torch.randn(2, tensors[name].shape[1])])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 2}))
+    out = tmp_path / "out"
+    result = convert(str(base), [("x", str(folder))], out, Options(gate_rank=4, expert_rank=8, non_linear="average"), quiet=True)
+    from smile_stream.plan import non_target_notes
 
-    other = synthetic.make_base(tmp_path / "bigger_vocab", "llama", seed=10, vocab=352)
-    with pytest.raises(smile_stream.SmileError, match="vocab_size = 352.*base has 320"):
-        smile_stream.make_plan(str(models("llama")), [("x", str(other))], Options())
+    notes = non_target_notes(result.plan)
+    assert any("2 added tokens" in line for line in notes), notes
+    model = smile_stream.load_model(out)
+    assert model.model.embed_tokens.weight.shape[0] == config["vocab_size"]
+    torch.testing.assert_close(model.model.embed_tokens.weight, load_file(base / "model.safetensors")["model.embed_tokens.weight"])
+    # fewer tokens than the base is refused, naming the field
+    config["vocab_size"] -= 10
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(smile_stream.SmileError, match="vocab_size = 310 but the base has 320"):
+        smile_stream.make_plan(str(base), [("x", str(folder))], Options())
 
 
 @pytest.mark.parametrize("path", sorted(REFERENCE.glob("*.safetensors")), ids=lambda p: p.stem)
