@@ -86,7 +86,7 @@ def test_logits_equal_oracle(models, converted, family, loader):
     model = LOADERS[loader](out)
     assert type(model).__name__.startswith("Smile")
     with torch.no_grad():
-        logits = model(ids).logits.double()
+        logits = model(ids.to(model.device)).logits.double().cpu()
     expected = _oracle_logits(models, family, list(ADAPTERS), ids)
     torch.testing.assert_close(logits, expected, rtol=2e-4, atol=2e-4)
 
@@ -166,7 +166,7 @@ def test_generate_and_offload(models, converted, tmp_path):
     out = converted("qwen2")
     ids = _ids()[:1]
     model = smile_stream.load_model(out, device_map="auto")
-    tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    tokens = model.generate(ids.to(model.device), max_new_tokens=6, do_sample=False, pad_token_id=0).cpu()
     # disk offload of a decoder layer holding SMILE layers, and a CPU budget too small for anything
     placement = {
         "model.embed_tokens": "cpu",
@@ -178,10 +178,10 @@ def test_generate_and_offload(models, converted, tmp_path):
     }
     offloaded = smile_stream.load_model(out, device_map=placement, offload_folder=str(tmp_path / "off"))
     assert "disk" in set(offloaded.hf_device_map.values())
-    assert torch.equal(tokens, offloaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    assert torch.equal(tokens, offloaded.generate(ids.to(offloaded.device), max_new_tokens=6, do_sample=False, pad_token_id=0).cpu())
     offloaded = smile_stream.load_model(out, device_map="auto", max_memory={"cpu": 10_000}, offload_folder=str(tmp_path / "off2"))
     assert "disk" in set(offloaded.hf_device_map.values())
-    assert torch.equal(tokens, offloaded.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    assert torch.equal(tokens, offloaded.generate(ids.to(offloaded.device), max_new_tokens=6, do_sample=False, pad_token_id=0).cpu())
     # and the oracle, fed the same prefix, picks the same next tokens
     with torch.no_grad():
         oracle_next = _oracle_logits(models, "qwen2", list(ADAPTERS), tokens[:, :-1]).argmax(-1)
@@ -207,7 +207,8 @@ sys.modules["smile_stream"] = None  # make `import smile_stream` fail
 import transformers
 model = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, device_map="auto")
 ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(0))
-torch.save(model(ids).logits.detach(), {str(tmp_path / "logits.pt")!r})
+torch.save(model(ids.to(model.device)).logits.detach().cpu(), {str(tmp_path / "logits.pt")!r})
+
 print(type(model.model.layers[0].self_attn.q_proj).__module__)
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
