@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 import tomllib
 import traceback
@@ -123,8 +122,7 @@ def convert(recipe, base, experts, out, dry_run, overwrite, quiet, debug, **flag
             options = Options(**{k: RECIPE_OPTIONS[k](v) for k, v in values.items()})
         except (TypeError, ValueError) as exc:
             raise SmileError(f"bad option value: {exc}") from None
-        command = "smile-stream " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        run_convert(base, expert_list, out or ".", options, dry_run=dry_run, overwrite=overwrite, quiet=quiet, command=command)
+        run_convert(base, expert_list, out or ".", options, dry_run=dry_run, overwrite=overwrite, quiet=quiet)
     except (SmileError, KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - turned into a clean message
         _fail(debug, exc)
 

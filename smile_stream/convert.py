@@ -12,7 +12,7 @@ from .factorize import Factorizer, prefetch
 from .measure import PeakMemory, format_bytes, now
 from .plan import Options, Plan, ShardPlan, TensorPlan, describe, make_plan, non_target_notes
 from .sources import DTYPES
-from .write import prepare_output, write_metadata, write_shards
+from .write import crash_point, disk_errors, prepare_output, start_journal, write_metadata, write_shards
 
 
 @dataclass
@@ -111,7 +111,6 @@ def convert(
     dry_run: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
-    command: str | None = None,
 ) -> Result:
     """Convert a base model and experts (name, folder or hub id) into a SMILE model folder at `out`.
 
@@ -126,6 +125,7 @@ def convert(
         if dry_run:
             print(describe(plan))
             return Result(plan, now() - start, memory.peak, 0, 0)
+        crash_point("plan")
         prepare_output(out, plan, overwrite)
         progress = Progress(plan, memory, quiet)
         for line in non_target_notes(plan):
@@ -136,8 +136,11 @@ def convert(
             counts[kept] += 1
             progress.shard(shard, kept)
 
-        write_metadata(plan, out, command)
-        write_shards(plan, out, TensorSource(plan, progress.layer), on_shard)
+        with disk_errors(out):
+            journal = start_journal(plan, out)
+            write_metadata(plan, out)
+            crash_point("metadata")
+            write_shards(plan, out, journal, TensorSource(plan, progress.layer), on_shard)
         seconds = now() - start
     result = Result(plan, seconds, memory.peak, counts[False], counts[True])
     if not quiet:

@@ -104,6 +104,8 @@ class Plan:
     shards: list[ShardPlan]
     config: dict
     hash: str
+    record: dict
+
     # non-target tensor -> {full expert: relative difference ||W_i - W0|| / ||W0||}, where it is not 0
     changed_non_targets: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -407,8 +409,8 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
     tensors = _output_tensors(base, modules, options, linears, changed)
     shards = _layout(tensors, options.max_shard_size)
     config = _output_config(base, arch, experts, modules, options)
-    digest = _plan_hash(base, experts, options, device)
-    return Plan(base, experts, options, device, modules, shards, config, digest, changed)
+    record = _plan_record(base, experts, options, device)
+    return Plan(base, experts, options, device, modules, shards, config, record_hash(record), record, changed)
 
 
 def _check_same_architecture(base: Checkpoint, expert: Expert) -> None:
@@ -513,7 +515,9 @@ def _output_config(base: Checkpoint, arch: str, experts: list[Expert], modules: 
         config["dtype"] = config["torch_dtype"] = options.dtype
     config["smile"] = {
         "format_version": SMILE_FORMAT_VERSION,
+        "base": base.source,
         "gate_rank": options.gate_rank,
+
         "top_k": options.top_k,
         "experts": [{"name": e.name, "kind": e.kind, "source": e.source.source} for e in experts],
         "modules": {
@@ -524,16 +528,63 @@ def _output_config(base: Checkpoint, arch: str, experts: list[Expert], modules: 
     return config
 
 
-def _plan_hash(base: Checkpoint, experts: list[Expert], options: Options, device: str) -> str:
+def _plan_record(base: Checkpoint, experts: list[Expert], options: Options, device: str) -> dict:
+    """What identifies a run: format version, options, device kind, and every input's file names,
+    sizes and header digests. Its hash is the plan hash; the journal keeps it to explain changes."""
     settings = asdict(options)
     settings["device"] = torch.device(device).type
     record = {
         "format_version": SMILE_FORMAT_VERSION,
         "options": settings,
-        "base": base.fingerprint,
-        "experts": [[e.name, e.kind, e.source.fingerprint] for e in experts],
+        "base": [base.source, base.fingerprint],
+        "experts": [[e.name, e.kind, e.source.source, e.source.fingerprint] for e in experts],
     }
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    return json.loads(json.dumps(record, sort_keys=True, default=str))
+
+
+def record_hash(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def explain_changes(old: dict, new: dict) -> list[str]:
+    """Human descriptions of what differs between two plan records."""
+    if not isinstance(old, dict):
+        return ["the earlier run did not record its inputs"]
+    changes = []
+    if old.get("format_version") != new["format_version"]:
+        changes.append(f"output format version {old.get('format_version')} -> {new['format_version']}")
+    old_options = old.get("options", {})
+    for key, value in new["options"].items():
+        if old_options.get(key) != value:
+            changes.append(f"option {key}: {old_options.get(key)!r} -> {value!r}")
+    if old.get("base") != new["base"]:
+        changes.append(f"base {new['base'][0]}: its files changed" if old.get("base", [None])[0] == new["base"][0] else f"base {old.get('base', ['?'])[0]} -> {new['base'][0]}")
+    old_experts = {e[0]: e for e in old.get("experts", [])}
+    new_names = [e[0] for e in new["experts"]]
+    if list(old_experts) != new_names:
+        changes.append(f"experts {list(old_experts)} -> {new_names}")
+    for expert in new["experts"]:
+        before = old_experts.get(expert[0])
+        if before is not None and before != expert:
+            changes.append(f"expert {expert[0]} ({expert[2]}): its files changed" if before[2] == expert[2] else f"expert {expert[0]}: {before[2]} -> {expert[2]}")
+    return changes or ["the plan differs"]
+
+
+def plan_command(plan: Plan, out: str) -> str:
+    """The `smile-stream convert` command line equivalent to this plan (for the model card)."""
+    import shlex
+
+    defaults = Options()
+    words = ["smile-stream", "convert", "--base", plan.base.source]
+    for e in plan.experts:
+        words += ["--expert", f"{e.name}={e.source.source}"]
+    words += ["--out", out]
+    for key, value in asdict(plan.options).items():
+        if value != getattr(defaults, key) and key != "device":
+            flag = "--" + key.replace("_", "-")
+            words += [flag] if value is True else [flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)
+
 
 
 def summarize_modules(smile: dict) -> list[str]:

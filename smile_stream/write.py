@@ -14,7 +14,9 @@ import json
 import mmap
 import os
 import shutil
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ import torch
 from . import modeling_smile
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE
-from .plan import Plan, ShardPlan, TensorPlan
+from .plan import Plan, ShardPlan, TensorPlan, explain_changes, plan_command
 
 JOURNAL = "smile-journal.json"
 REMOTE_CODE = "modeling_smile.py"
@@ -41,13 +43,15 @@ COPIED_FILES = (
 HASH_CHUNK = 1 << 26
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, crash: str | None = None) -> None:
     """Write a small file so that it is either absent, or complete: temp file, fsync, rename."""
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if crash:
+        crash_point(crash)
     os.replace(tmp, path)
 
 
@@ -62,7 +66,7 @@ def read_journal(out: Path) -> dict | None:
         return None
 
 
-def write_metadata(plan: Plan, out: Path, command: str | None) -> None:
+def write_metadata(plan: Plan, out: Path) -> None:
     """Everything but the weights: config, remote code, tokenizer and generation files, model card."""
     atomic_write(out / "config.json", (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())
     atomic_write(out / REMOTE_CODE, Path(modeling_smile.__file__).read_bytes())
@@ -70,10 +74,10 @@ def write_metadata(plan: Plan, out: Path, command: str | None) -> None:
         source = plan.base.folder / name
         if source.is_file():
             atomic_write(out / name, source.read_bytes())
-    atomic_write(out / "README.md", model_card(plan, command).encode())
+    atomic_write(out / "README.md", model_card(plan, out.name).encode())
 
 
-def model_card(plan: Plan, command: str | None) -> str:
+def model_card(plan: Plan, out_name: str) -> str:
     smile = plan.config["smile"]
     held: dict[str, list[int]] = {}
     for module in smile["modules"].values():
@@ -118,36 +122,47 @@ def model_card(plan: Plan, command: str | None) -> str:
         "",
         "The remote code (`modeling_smile.py`) imports only torch and transformers.",
     ]
-    if command:
-        lines += ["", "## Made with", "", "```", command, "```"]
+    lines += ["", "## Made with", "", "```", plan_command(plan, out_name), "```"]
     return "\n".join(lines) + "\n"
 
 
+def crash_point(name: str) -> None:
+    """Fault injection for the kill tests: SIGKILL this process at the named point of a run when
+    SMILE_STREAM_CRASH_AT names it. Points: plan, metadata, shard-<i>-mid, shard-<i>-renamed, index."""
+    if os.environ.get("SMILE_STREAM_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def start_journal(plan: Plan, out: Path) -> dict:
+    """The journal of this run: the earlier one if it is for the same plan (resume), else a new one.
+    It is written before anything else, so a killed run is always recognised as unfinished."""
+    journal = read_journal(out)
+    if journal is None or journal.get("plan_hash") != plan.hash:
+        journal = {"format_version": modeling_smile.SMILE_FORMAT_VERSION, "plan_hash": plan.hash, "record": plan.record, "shards": {}}
+    atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
+    return journal
+
+
 def write_shards(
-    plan: Plan, out: Path, produce: Callable[[TensorPlan], torch.Tensor], on_shard: Callable[[ShardPlan, bool], None]
+    plan: Plan, out: Path, journal: dict, produce: Callable[[TensorPlan], torch.Tensor], on_shard: Callable[[ShardPlan, bool], None]
 ) -> None:
     """Write every shard not already finished, then the index. `produce` makes non-copied tensors."""
-    journal = read_journal(out) or {}
-    if journal.get("plan_hash") != plan.hash:
-        journal = {"format_version": modeling_smile.SMILE_FORMAT_VERSION, "plan_hash": plan.hash, "shards": {}}
-    for shard in plan.shards:
+    for number, shard in enumerate(plan.shards, 1):
         done = journal["shards"].get(shard.filename)
         path = out / shard.filename
         if done and path.is_file() and path.stat().st_size == shard.size:
             on_shard(shard, True)
             continue
-        journal["shards"][shard.filename] = {"sha256": _write_shard(shard, path, produce), "size": shard.size}
+        journal["shards"][shard.filename] = {"sha256": _write_shard(shard, path, produce, number), "size": shard.size}
+        crash_point(f"shard-{number}-renamed")
         atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
         on_shard(shard, False)
     weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
-    index = {
-        "metadata": {"total_size": plan.total_size, "smile_plan_hash": plan.hash},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    atomic_write(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode())
+    index = {"metadata": {"total_size": plan.total_size, "smile_plan_hash": plan.hash}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode(), crash="index")
 
 
-def _write_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], torch.Tensor]) -> str:
+def _write_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], torch.Tensor], number: int) -> str:
     tmp = path.with_name(path.name + ".partial")
     hasher = hashlib.sha256()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -155,7 +170,7 @@ def _write_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], t
         head = len(shard.header).to_bytes(8, "little") + shard.header
         _write_all(fd, head)
         hasher.update(head)
-        for tensor in shard.tensors:
+        for position, tensor in enumerate(shard.tensors):
             if tensor.role == "copy":
                 _copy_range(tensor, fd, hasher)
             else:
@@ -165,22 +180,33 @@ def _write_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], t
                 raw = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
                 _write_all(fd, raw)
                 hasher.update(raw)
+            if position == 0:
+                crash_point(f"shard-{number}-mid")
         os.fsync(fd)
-    except OSError as exc:
+    except BaseException:
         os.close(fd)
-        fd = -1
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise SmileError(
-                f"The disk holding {path.parent} is full while writing {shard.filename} ({shard.size:,} bytes). Free space and run the same command again: finished shards are kept."
-            ) from None
+        tmp.unlink(missing_ok=True)  # never leave a half-written shard behind an error we survive
         raise
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return hasher.hexdigest()
+
+
+@contextmanager
+def disk_errors(out: Path) -> Iterator[None]:
+    """Turn a full disk or an unwritable folder into a clear message; finished shards stay."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise SmileError(
+                f"The disk holding {out} is full ({exc.filename or 'while writing'}). Free space and run the same "
+                "command again: finished shards are kept and the run resumes after them."
+            ) from None
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise SmileError(f"{out} cannot be written ({exc.strerror}: {exc.filename}). Choose a writable output folder.") from None
+        raise
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -244,9 +270,10 @@ def prepare_output(out: Path, plan: Plan, overwrite: bool) -> None:
                 f"--out {out} already holds files that are not from an unfinished smile-stream run. Choose an empty folder, or pass --overwrite to replace its contents."
             )
         elif journal.get("plan_hash") != plan.hash:
+            changes = "; ".join(explain_changes(journal.get("record"), plan.record))
             raise SmileError(
-                f"--out {out} holds a conversion made from different inputs or options (plan {str(journal.get('plan_hash'))[:12]}, "
-                f"now {plan.hash[:12]}), so it cannot be resumed. Run the original command again to finish it, or pass --overwrite to start over."
+                f"--out {out} holds a conversion made from different inputs or options ({changes}), so it cannot be "
+                "resumed. Run the original command to finish it, choose another --out, or pass --overwrite to start over."
             )
     try:
         out.mkdir(parents=True, exist_ok=True)
