@@ -8,6 +8,7 @@ from .errors import SmileError
 from .load import inspect_output, load_model, model_class
 from .modeling_smile import SmileLinear, smile_model_class
 from .plan import Options, make_plan
+from .verify import verify
 
 __all__ = [
     "Options",
@@ -19,6 +20,7 @@ __all__ = [
     "load_model",
     "make_plan",
     "model_class",
+    "verify",
     "smile_model_class",
 ]
 __version__ = "0.1.0"

@@ -140,5 +140,28 @@ def inspect(folder: Path, debug: bool) -> None:
         _fail(debug, exc)
 
 
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--deep", is_flag=True, help="Also recompute a sample of modules from the inputs and report reconstruction errors.")
+@click.option("--samples", default=4, show_default=True, help="Modules to recompute with --deep.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def verify(folder: Path, deep: bool, samples: int, debug: bool) -> None:
+    """Check a converted folder: index vs shards, shapes vs config, checksums vs journal (exit 1 on problems)."""
+    from .verify import verify as run_verify
+
+    try:
+        problems, report = run_verify(folder, deep=deep, samples=samples)
+    except (SmileError, Exception) as exc:  # noqa: BLE001
+        _fail(debug, exc)
+    for line in report:
+        click.echo(line)
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {folder}:", err=True)
+        for problem in problems:
+            click.echo(f"  - {problem}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {folder} is complete and consistent")
+
+
 if __name__ == "__main__":
     main()

@@ -517,7 +517,6 @@ def _output_config(base: Checkpoint, arch: str, experts: list[Expert], modules: 
         "format_version": SMILE_FORMAT_VERSION,
         "base": base.source,
         "gate_rank": options.gate_rank,
-
         "top_k": options.top_k,
         "experts": [{"name": e.name, "kind": e.kind, "source": e.source.source} for e in experts],
         "modules": {
@@ -558,7 +557,11 @@ def explain_changes(old: dict, new: dict) -> list[str]:
         if old_options.get(key) != value:
             changes.append(f"option {key}: {old_options.get(key)!r} -> {value!r}")
     if old.get("base") != new["base"]:
-        changes.append(f"base {new['base'][0]}: its files changed" if old.get("base", [None])[0] == new["base"][0] else f"base {old.get('base', ['?'])[0]} -> {new['base'][0]}")
+        changes.append(
+            f"base {new['base'][0]}: its files changed"
+            if old.get("base", [None])[0] == new["base"][0]
+            else f"base {old.get('base', ['?'])[0]} -> {new['base'][0]}"
+        )
     old_experts = {e[0]: e for e in old.get("experts", [])}
     new_names = [e[0] for e in new["experts"]]
     if list(old_experts) != new_names:
@@ -566,7 +569,11 @@ def explain_changes(old: dict, new: dict) -> list[str]:
     for expert in new["experts"]:
         before = old_experts.get(expert[0])
         if before is not None and before != expert:
-            changes.append(f"expert {expert[0]} ({expert[2]}): its files changed" if before[2] == expert[2] else f"expert {expert[0]}: {before[2]} -> {expert[2]}")
+            changes.append(
+                f"expert {expert[0]} ({expert[2]}): its files changed"
+                if before[2] == expert[2]
+                else f"expert {expert[0]}: {before[2]} -> {expert[2]}"
+            )
     return changes or ["the plan differs"]
 
 
@@ -584,7 +591,6 @@ def plan_command(plan: Plan, out: str) -> str:
             flag = "--" + key.replace("_", "-")
             words += [flag] if value is True else [flag, str(value)]
     return " ".join(shlex.quote(w) for w in words)
-
 
 
 def summarize_modules(smile: dict) -> list[str]:
@@ -620,7 +626,6 @@ def non_target_notes(plan: Plan) -> list[str]:
                 "embedding and output rows are dropped and the base tokenizer is kept"
             )
     return lines
-
 
 
 def describe(plan: Plan) -> str:

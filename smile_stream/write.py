@@ -138,13 +138,22 @@ def start_journal(plan: Plan, out: Path) -> dict:
     It is written before anything else, so a killed run is always recognised as unfinished."""
     journal = read_journal(out)
     if journal is None or journal.get("plan_hash") != plan.hash:
-        journal = {"format_version": modeling_smile.SMILE_FORMAT_VERSION, "plan_hash": plan.hash, "record": plan.record, "shards": {}}
+        journal = {
+            "format_version": modeling_smile.SMILE_FORMAT_VERSION,
+            "plan_hash": plan.hash,
+            "record": plan.record,
+            "shards": {},
+        }
     atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
     return journal
 
 
 def write_shards(
-    plan: Plan, out: Path, journal: dict, produce: Callable[[TensorPlan], torch.Tensor], on_shard: Callable[[ShardPlan, bool], None]
+    plan: Plan,
+    out: Path,
+    journal: dict,
+    produce: Callable[[TensorPlan], torch.Tensor],
+    on_shard: Callable[[ShardPlan, bool], None],
 ) -> None:
     """Write every shard not already finished, then the index. `produce` makes non-copied tensors."""
     for number, shard in enumerate(plan.shards, 1):
@@ -158,7 +167,10 @@ def write_shards(
         atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
         on_shard(shard, False)
     weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
-    index = {"metadata": {"total_size": plan.total_size, "smile_plan_hash": plan.hash}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": plan.total_size, "smile_plan_hash": plan.hash},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     atomic_write(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode(), crash="index")
 
 
@@ -205,7 +217,9 @@ def disk_errors(out: Path) -> Iterator[None]:
                 "command again: finished shards are kept and the run resumes after them."
             ) from None
         if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise SmileError(f"{out} cannot be written ({exc.strerror}: {exc.filename}). Choose a writable output folder.") from None
+            raise SmileError(
+                f"{out} cannot be written ({exc.strerror}: {exc.filename}). Choose a writable output folder."
+            ) from None
         raise
 
 

@@ -126,5 +126,13 @@ def test_errors_are_clean(inputs, tmp_path):
 
 def test_readme_documents_every_command():
     readme = (ROOT / "README.md").read_text()
-    for command in ("make demo", "make test", "smile-stream convert", "smile-stream inspect", "--dry-run", "load_model"):
+    for command in (
+        "make demo",
+        "make test",
+        "smile-stream convert",
+        "smile-stream inspect",
+        "smile-stream verify",
+        "--dry-run",
+        "load_model",
+    ):
         assert command in readme

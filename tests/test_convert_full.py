@@ -125,7 +125,9 @@ def test_expert_with_added_tokens(models, tmp_path):
     assert any("2 added tokens" in line for line in notes), notes
     model = smile_stream.load_model(out)
     assert model.model.embed_tokens.weight.shape[0] == config["vocab_size"]
-    torch.testing.assert_close(model.model.embed_tokens.weight, load_file(base / "model.safetensors")["model.embed_tokens.weight"])
+    torch.testing.assert_close(
+        model.model.embed_tokens.weight, load_file(base / "model.safetensors")["model.embed_tokens.weight"]
+    )
     # fewer tokens than the base is refused, naming the field
     config["vocab_size"] -= 10
     (folder / "config.json").write_text(json.dumps(config))

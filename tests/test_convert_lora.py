@@ -178,7 +178,9 @@ def test_generate_and_offload(models, converted, tmp_path):
     }
     offloaded = smile_stream.load_model(out, device_map=placement, offload_folder=str(tmp_path / "off"))
     assert "disk" in set(offloaded.hf_device_map.values())
-    assert torch.equal(tokens, offloaded.generate(ids.to(offloaded.device), max_new_tokens=6, do_sample=False, pad_token_id=0).cpu())
+    assert torch.equal(
+        tokens, offloaded.generate(ids.to(offloaded.device), max_new_tokens=6, do_sample=False, pad_token_id=0).cpu()
+    )
     offloaded = smile_stream.load_model(out, device_map="auto", max_memory={"cpu": 10_000}, offload_folder=str(tmp_path / "off2"))
     assert "disk" in set(offloaded.hf_device_map.values())
     run_on = "cuda" if torch.cuda.is_available() else "cpu"  # accelerate's execution device for disk-offloaded weights

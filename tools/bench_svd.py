@@ -32,14 +32,18 @@ def deltas(experts: int, rows: int, cols: int, device: str, seed: int = 0) -> to
     return out
 
 
-def timed(fn, device: str):
+def timed(device: str, fn, *args):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return result, time.perf_counter() - start
+
+
+def one_at_a_time(d: torch.Tensor) -> list:
+    return [torch.linalg.svd(d[i], full_matrices=False) for i in range(d.shape[0])]
 
 
 def error(d: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -58,7 +62,10 @@ def main() -> None:
     shapes = [(r // 4, c // 4) for r, c in MISTRAL_SHAPES] if args.quick else MISTRAL_SHAPES
     experts_list = args.experts or ([3] if args.quick else [3, 8])
     ranks = args.ranks or ([64, 128] if args.quick else [64, 128, 256, 512])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    )
     header = "| device | shape | E | k | loop exact s | batched exact (speed-up vs loop) | batched randomized (speed-up vs loop) | randomized vs batched exact | error ratio rand/exact |"
     print(header)
     print("|" + "---|" * 9)
@@ -69,16 +76,17 @@ def main() -> None:
                 if device.startswith("cuda"):
                     truncated_svd(d[:1, :256, :256], 8, "randomized")  # warm up kernels
                 # baseline: one full exact SVD per expert; truncation is free afterwards
-                loop, loop_s = timed(lambda: [torch.linalg.svd(d[i], full_matrices=False) for i in range(experts)], device)
+                loop, loop_s = timed(device, one_at_a_time, d)
                 del loop
                 for k in ranks:
-                    exact, exact_s = timed(lambda: truncated_svd(d, k, "exact"), device)
-                    rand, rand_s = timed(lambda: truncated_svd(d, k, "randomized", list(range(experts))), device)
-                    ratio = max(error(d[i], (rand[0][i], rand[1][i])) / error(d[i], (exact[0][i], exact[1][i])) for i in range(experts))
+                    exact, exact_s = timed(device, truncated_svd, d, k, "exact")
+                    rand, rand_s = timed(device, truncated_svd, d, k, "randomized", list(range(experts)))
+                    ratio = max(
+                        error(d[i], (rand[0][i], rand[1][i])) / error(d[i], (exact[0][i], exact[1][i])) for i in range(experts)
+                    )
                     print(
                         f"| {device} | {rows}x{cols} | {experts} | {k} | {loop_s:.2f} | {loop_s / exact_s:.2f}x | "
                         f"{loop_s / rand_s:.2f}x | {exact_s / rand_s:.1f}x | {ratio:.4f} |",
-
                         flush=True,
                     )
                     del exact, rand

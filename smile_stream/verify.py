@@ -1,0 +1,200 @@
+"""Verify: check that a converted folder is complete and consistent, and optionally recompute a sample.
+
+Checks: the index and the shards agree (every tensor exactly once, headers valid, total_size
+right); the tensors are the ones the config implies, with the right shapes and dtypes (checked
+against the SMILE model built with empty weights); shard checksums match the journal; with
+`deep`, a sample of modules is recomputed from the inputs and the reconstruction error reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import SmileError
+from .modeling_smile import INDEX_FILE
+from .sources import DTYPES, FLOAT_CODES, LoraAdapter, TensorInfo, open_source, read_safetensors_header
+from .write import HASH_CHUNK, JOURNAL, read_journal
+
+
+def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[list[str], list[str]]:
+    """Returns (problems, report lines). No problems means the folder is complete and consistent."""
+    folder = Path(folder)
+    problems: list[str] = []
+    report: list[str] = []
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return [f"{config_path} is missing: this is not a converted model folder"], report
+    config = json.loads(config_path.read_text())
+    smile = config.get("smile")
+    if not isinstance(smile, dict):
+        return [f"{config_path} has no 'smile' section: this folder was not made by smile-stream"], report
+    partial = sorted(p.name for p in folder.glob("*.partial"))
+    if partial:
+        problems.append(f"half-written files {partial}: the conversion is unfinished (re-run it to resume)")
+    if not (folder / INDEX_FILE).is_file():
+        problems.append(f"{INDEX_FILE} is missing: the conversion is unfinished (re-run it to resume)")
+        return problems, report
+    index = json.loads((folder / INDEX_FILE).read_text())
+    tensors = _check_shards(folder, index, problems)
+    _check_against_model(folder, tensors, problems)
+    _check_smile_tensors(smile, tensors, problems)
+    _check_journal(folder, index, problems, report)
+    if deep and not problems:
+        report += _deep_check(smile, tensors, samples, problems)
+    report.insert(
+        0,
+        f"{len(tensors)} tensors in {len(set(index.get('weight_map', {}).values()))} shard(s), {len(smile['modules'])} SMILE modules",
+    )
+    return problems, report
+
+
+def _check_shards(folder: Path, index: dict, problems: list[str]) -> dict[str, TensorInfo]:
+    weight_map = index.get("weight_map", {})
+    found: dict[str, TensorInfo] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = folder / shard
+        if not path.is_file():
+            problems.append(f"shard {shard} named by the index is missing")
+            continue
+        try:
+            header = read_safetensors_header(path)
+        except SmileError as exc:
+            problems.append(str(exc))
+            continue
+        covered = sum(t.nbytes for t in header.tensors.values())
+        if header.tensors and max(t.offset + t.nbytes for t in header.tensors.values()) != header.size:
+            problems.append(f"{shard}: the file is {header.size} bytes but its tensors end elsewhere (truncated or padded)")
+        elif covered != header.size - min(t.offset for t in header.tensors.values()):
+            problems.append(f"{shard}: tensors overlap or leave holes in the data section")
+        for name, info in header.tensors.items():
+            if name in found:
+                problems.append(f"tensor {name} is in both {Path(found[name].file).name} and {shard}")
+            elif weight_map.get(name) != shard:
+                problems.append(f"tensor {name} is in {shard} but the index says {weight_map.get(name)}")
+            found[name] = info
+    for name, shard in weight_map.items():
+        if name not in found and (folder / shard).is_file():
+            problems.append(f"the index puts tensor {name} in {shard}, which does not hold it")
+    total = sum(t.nbytes for t in found.values())
+    if index.get("metadata", {}).get("total_size") != total:
+        problems.append(
+            f"index metadata.total_size is {index.get('metadata', {}).get('total_size')} but the shards hold {total} tensor bytes"
+        )
+    return found
+
+
+def _check_against_model(folder: Path, tensors: dict[str, TensorInfo], problems: list[str]) -> None:
+    # The model the config describes, built with empty weights, says which tensors must exist and their shapes.
+    from accelerate import init_empty_weights
+
+    from .load import model_class
+
+    try:
+        cls, config = model_class(folder)
+        with init_empty_weights():
+            model = cls(config)
+    except Exception as exc:  # noqa: BLE001 - any failure is a config problem worth reporting
+        problems.append(f"config.json does not build a model ({type(exc).__name__}: {exc})")
+        return
+    expected = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in model.state_dict()}}
+    for name, param in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            problems.append(f"tensor {name} {list(param.shape)} is missing from the shards")
+        elif info.shape != tuple(param.shape):
+            problems.append(f"tensor {name} has shape {list(info.shape)} but the config implies {list(param.shape)}")
+    tied = set(model.state_dict()) - set(expected)
+    for name in sorted(set(tensors) - set(expected) - tied):
+        problems.append(f"tensor {name} in the shards is not a parameter of the model the config describes")
+
+
+def _check_smile_tensors(smile: dict, tensors: dict[str, TensorInfo], problems: list[str]) -> None:
+    for name, spec in smile["modules"].items():
+        if len(spec["experts"]) != len(spec["ranks"]) or not spec["experts"]:
+            problems.append(f"config smile.modules[{name}] lists {len(spec['experts'])} experts but {len(spec['ranks'])} ranks")
+        for suffix in ("expert_down", "expert_up", "expert_bias"):
+            info = tensors.get(f"{name}.{suffix}")
+            if info is not None and info.dtype not in FLOAT_CODES:
+                problems.append(f"tensor {info.name} has dtype {info.dtype}; expert factors must be floating point")
+            if info is not None and not _finite(info):
+                problems.append(f"tensor {info.name} holds NaN or Inf")
+
+
+def _finite(info: TensorInfo) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(info.file, "pt") as f:
+        return bool(torch.isfinite(f.get_tensor(info.name)).all())
+
+
+def _check_journal(folder: Path, index: dict, problems: list[str], report: list[str]) -> None:
+    journal = read_journal(folder)
+    if journal is None:
+        problems.append(f"{JOURNAL} is missing or unreadable: shard checksums cannot be checked")
+        return
+    if journal.get("plan_hash") != index.get("metadata", {}).get("smile_plan_hash"):
+        problems.append(
+            f"{JOURNAL} is for plan {str(journal.get('plan_hash'))[:12]} but the index for {str(index.get('metadata', {}).get('smile_plan_hash'))[:12]}"
+        )
+    for shard in sorted(set(index.get("weight_map", {}).values())):
+        entry = journal["shards"].get(shard)
+        path = folder / shard
+        if entry is None:
+            problems.append(f"{JOURNAL} has no checksum for {shard}")
+        elif path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(HASH_CHUNK):
+                    digest.update(chunk)
+            if digest.hexdigest() != entry.get("sha256"):
+                problems.append(f"{shard}: sha256 does not match the journal (the file changed or is corrupted)")
+    report.append(f"checksums of {len(journal['shards'])} shard(s) checked against {JOURNAL}")
+
+
+def _deep_check(smile: dict, tensors: dict[str, TensorInfo], samples: int, problems: list[str]) -> list[str]:
+    """Recompute a few modules' deltas from the inputs and compare with the stored factors."""
+    from safetensors import safe_open
+
+    names = sorted(smile["modules"])
+    picked = [names[round(i * (len(names) - 1) / max(samples - 1, 1))] for i in range(min(samples, len(names)))]
+    try:
+        base = open_source(smile["base"])
+        experts = {e["name"]: open_source(e["source"]) for e in smile["experts"]}
+    except SmileError as exc:
+        problems.append(f"--deep needs the conversion's inputs: {exc}")
+        return []
+    lines = []
+    for name in dict.fromkeys(picked):
+        spec = smile["modules"][name]
+        down_info, up_info = tensors[name + ".expert_down"], tensors[name + ".expert_up"]
+        with safe_open(down_info.file, "pt") as f:
+            down = f.get_tensor(down_info.name).double()
+        with safe_open(up_info.file, "pt") as f:
+            up = f.get_tensor(up_info.name).double()
+        start = 0
+        for expert_name, rank in zip(spec["experts"], spec["ranks"]):
+            source = experts[expert_name]
+            if isinstance(source, LoraAdapter):
+                lora = source.modules[name]
+                delta = lora.scale * source.read(lora.b).double() @ source.read(lora.a).double()
+            else:
+                delta = source.read(name + ".weight").double() - base.read(name + ".weight").double()
+            approx = up[:, start : start + rank] @ down[start : start + rank]
+            start += rank
+            norm = float(torch.linalg.norm(delta)) or 1.0
+            error = float(torch.linalg.norm(delta - approx)) / norm
+            tail = torch.linalg.svdvals(delta)[rank:]
+            optimal = float(torch.linalg.norm(tail)) / norm
+            tolerance = optimal * 1.02 + 10 * torch.finfo(DTYPES[down_info.dtype]).eps
+            lines.append(
+                f"deep     {name} / {expert_name} (rank {rank}): relative error {error:.3e}, optimal at this rank {optimal:.3e}"
+            )
+            if error > tolerance:
+                problems.append(
+                    f"{name} / {expert_name}: reconstruction error {error:.3e} exceeds the optimal {optimal:.3e} at rank {rank}"
+                )
+    return lines
