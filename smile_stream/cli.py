@@ -23,6 +23,7 @@ RECIPE_OPTIONS = {
     "non_linear": str,
     "device": str,
     "trust_remote_code": bool,
+    "allow_pickle": bool,
 }
 
 
@@ -99,6 +100,7 @@ def main() -> None:
 )
 @click.option("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:1 ...")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a base whose config asks for remote code.")
+@click.option("--allow-pickle", is_flag=True, default=None, help="Read .bin/.pt inputs with torch.load(weights_only=True).")
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder's contents instead of refusing/resuming.")
 @click.option("--quiet", is_flag=True, help="No progress output.")

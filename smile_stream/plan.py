@@ -17,7 +17,7 @@ import torch
 
 from .errors import SmileError
 from .modeling_smile import SMILE_FORMAT_VERSION
-from .sources import DTYPE_CODES, FLOAT_CODES, Checkpoint, LoraAdapter, TensorInfo, itemsize, open_source
+from .sources import DTYPE_CODES, FLOAT_CODES, Checkpoint, LoraAdapter, TensorInfo, itemsize, open_source, safetensors_header
 
 DEFAULT_FULL_EXPERT_RANK = 128
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
@@ -37,6 +37,7 @@ class Options:
     non_linear: str = "base"  # base | average: where non-target parameters of full experts come from
     device: str = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # read .bin/.pt inputs (torch.load with weights_only=True)
 
 
 @dataclass
@@ -322,6 +323,11 @@ def _added_tokens(base: TensorInfo, other: TensorInfo, targets: dict) -> bool:
     return module not in targets and other.shape[1:] == base.shape[1:] and other.shape[0] > base.shape[0]
 
 
+def _lora_nonzero(adapter: LoraAdapter, module: str) -> bool:
+    lora = adapter.modules[module]
+    return bool(adapter.read(lora.a).any()) and bool(adapter.read(lora.b).any())
+
+
 def _bytes_differ(a: TensorInfo, b: TensorInfo, chunk: int = 1 << 24) -> bool:
     # Fine-tunes almost always differ in the first bytes, so this rarely reads more than a page.
     with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
@@ -356,25 +362,19 @@ def _layout(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
 
 
 def _header(tensors: list[TensorPlan]) -> bytes:
-    entries: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        entries[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(entries, separators=(",", ":")).encode()
-    return raw + b" " * (-(8 + len(raw)) % 8)
+    return safetensors_header([(t.name, t.dtype, t.shape) for t in tensors])
 
 
 def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Options) -> Plan:
     """Read headers and configs of every input, validate them, and plan the whole output."""
     _check_options(options, expert_refs)
     device = resolve_device(options.device)
-    base = open_source(base_ref)
+    base = open_source(base_ref, options.allow_pickle)
     if isinstance(base, LoraAdapter):
         raise SmileError(
             f"--base {base_ref} is a LoRA adapter; the base must be a full model folder (config.json + *.safetensors)."
         )
-    experts = [Expert(name, open_source(ref)) for name, ref in expert_refs]
+    experts = [Expert(name, open_source(ref, options.allow_pickle)) for name, ref in expert_refs]
     arch, linears = discover_linears(base, options.trust_remote_code)
     targets = _select_targets(base, linears, options.targets)
 
@@ -383,6 +383,12 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
     for index, expert in enumerate(experts):
         if expert.kind == "lora":
             ranks = _lora_touches(expert.source, expert.name, linears, targets)
+            ranks = {m: r for m, r in ranks.items() if _lora_nonzero(expert.source, m)}
+            if not ranks:
+                raise SmileError(
+                    f"{expert.source.folder}: expert {expert.name!r} is equal to the base: every lora_A or lora_B is zero "
+                    "(an untrained adapter?). Remove it."
+                )
         else:
             _check_same_architecture(base, expert)
             ranks, biased = _full_touches(base, expert.source, expert.name, targets)
@@ -399,7 +405,7 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
         fan_in, fan_out, layer = targets[name]
         weight = base.tensors[name + ".weight"]
         order = sorted(touched[name])
-        ranks = [_expert_rank(experts[i], touched[name][i], options) for i in order]
+        ranks = [_expert_rank(experts[i], name, touched[name][i], options) for i in order]
         dtype = DTYPE_CODES[getattr(torch, options.dtype)] if options.dtype else weight.dtype
         modules[name] = ModulePlan(
             name, layer, fan_in, fan_out, weight, base.tensors.get(name + ".bias"), order, ranks, name in bias_modules, dtype
@@ -435,9 +441,14 @@ def _check_same_architecture(base: Checkpoint, expert: Expert) -> None:
         )
 
 
-def _expert_rank(expert: Expert, natural: int, options: Options) -> int:
-    if expert.kind == "lora":
+def _expert_rank(expert: Expert, module: str, natural: int, options: Options) -> int:
+    if expert.kind == "lora":  # a LoRA delta has rank r at most: a larger --expert-rank keeps it whole
         return min(natural, options.expert_rank or natural)
+    if options.expert_rank and options.expert_rank > natural:
+        raise SmileError(
+            f"--expert-rank {options.expert_rank} is larger than module {module} allows for full expert {expert.name!r}: "
+            f"its delta is {natural} wide at most (min of out and in features). Use --expert-rank {natural} or less."
+        )
     return min(natural, options.expert_rank or DEFAULT_FULL_EXPERT_RANK)
 
 

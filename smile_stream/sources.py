@@ -115,6 +115,20 @@ def _tensor_info(path: str, name: str, entry: object, data_start: int, data_size
     return TensorInfo(name, code, shape, path, data_start + begin, end - begin)
 
 
+def require_finite(tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """The tensor, unless it holds NaN or Inf, which would reach the converted model."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise nonfinite_error(info)
+    return tensor
+
+
+def nonfinite_error(info: TensorInfo) -> SmileError:
+    return SmileError(
+        f"{info.file}: tensor {info.name!r} holds NaN or Inf values, which would reach the converted model. "
+        "The checkpoint is damaged (or was saved from a diverged run); fix or re-download it."
+    )
+
+
 def _load_json(path: Path, what: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -144,13 +158,15 @@ def _inside(folder: Path, name: str, what: str) -> Path:
 class Checkpoint:
     """A Hugging Face model folder: config.json plus safetensors weights (one file, or shards + index)."""
 
-    def __init__(self, folder: Path, source: str):
-        self.folder, self.source = folder, source
+    def __init__(self, folder: Path, source: str, allow_pickle: bool = False):
+        self.folder, self.source, self.allow_pickle = folder, source, allow_pickle
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise SmileError(
-                f"{folder} has no config.json, so it is not a Hugging Face model folder. Point to the folder that holds config.json and the *.safetensors weights."
+                f"{folder} has neither config.json (a model) nor adapter_config.json (a LoRA adapter). Point to the "
+                "folder that holds config.json and the *.safetensors weights, or to the adapter's folder."
             )
+
         self.config = _load_json(config_path, "model config")
         self.files = [read_safetensors_header(p) for p in self._weight_files()]
         self.tensors: dict[str, TensorInfo] = {}
@@ -172,12 +188,15 @@ class Checkpoint:
         files = sorted(self.folder.glob("*.safetensors"))
         if files:
             return files
-        pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        # weights only: training_args.bin, optimizer.pt and rng_state.pth are pickles too, but not weights
+        pickles = sorted(p for p in self.folder.iterdir() if re.fullmatch(r"(pytorch_)?model.*\.(bin|pt|pth)", p.name))
         if pickles:
+            if self.allow_pickle:
+                return [unpickled(p) for p in pickles]
             raise SmileError(
-                f"{self.folder} holds only pickle weights ({', '.join(pickles)}). smile-stream reads safetensors "
-                "only, since unpickling can run arbitrary code. Convert the checkpoint to safetensors first "
-                "(load it and call save_pretrained(..., safe_serialization=True))."
+                f"{self.folder} holds only pickle weights ({', '.join(p.name for p in pickles)}). smile-stream reads "
+                "safetensors by default, since unpickling can run code from the file. Pass --allow-pickle to load them "
+                "with torch.load(weights_only=True) into a safetensors copy, or convert them yourself."
             )
         raise SmileError(f"{self.folder} has a config.json but no *.safetensors weights. Download or save the weights into it.")
 
@@ -187,12 +206,12 @@ class Checkpoint:
         return [[os.path.basename(f.path), f.size, f.header_sha256] for f in self.files]
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, memory-mapped through safe_open."""
+        """One tensor, memory-mapped through safe_open; NaN or Inf is refused."""
         info = self.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = safe_open(info.file, framework="pt", device="cpu")
-        return handle.get_tensor(name)
+        return require_finite(handle.get_tensor(name), info)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -224,14 +243,21 @@ _UNSUPPORTED_ADAPTER_KEYS = {
 class LoraAdapter:
     """A PEFT LoRA adapter folder: adapter_config.json + adapter_model.safetensors."""
 
-    def __init__(self, folder: Path, source: str):
+    def __init__(self, folder: Path, source: str, allow_pickle: bool = False):
         self.folder, self.source = folder, source
         self.config = _load_json(folder / ADAPTER_CONFIG, "adapter config")
         weights = folder / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            raise SmileError(
-                f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}. Save the adapter with safetensors (peft's default)."
+        pickled = folder / "adapter_model.bin"
+        if not weights.is_file() and pickled.is_file() and allow_pickle:
+            weights = unpickled(pickled)
+        elif not weights.is_file():
+            hint = (
+                " It has adapter_model.bin: pass --allow-pickle to read it with torch.load(weights_only=True)."
+                if pickled.is_file()
+                else ""
             )
+            raise SmileError(f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}.{hint}")
+
         self.file = read_safetensors_header(weights)
         self._check_config()
         self.modules = self._modules()
@@ -310,7 +336,7 @@ class LoraAdapter:
     def read(self, info: TensorInfo) -> torch.Tensor:
         if self._handle is None:
             self._handle = safe_open(self.file.path, framework="pt", device="cpu")
-        return self._handle.get_tensor(info.name)
+        return require_finite(self._handle.get_tensor(info.name), info)
 
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -362,9 +388,53 @@ def _hub_snapshot(repo_id: str) -> Path:
         raise SmileError(f"{repo_id}: the hub refused the download ({exc}). Check the id and your access token.") from None
 
 
-def open_source(ref: str) -> Checkpoint | LoraAdapter:
+def open_source(ref: str, allow_pickle: bool = False) -> Checkpoint | LoraAdapter:
     """A base model or expert: a LoRA adapter if the folder has adapter_config.json, else a full model."""
     folder = resolve_folder(ref)
     if (folder / ADAPTER_CONFIG).is_file():
-        return LoraAdapter(folder, ref)
-    return Checkpoint(folder, ref)
+        return LoraAdapter(folder, ref, allow_pickle)
+    return Checkpoint(folder, ref, allow_pickle)
+
+
+def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
+    """The JSON header for tensors (name, dtype code, shape) laid out back to back in this order,
+    padded so that the data starts 8-byte aligned."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, code, shape in entries:
+        nbytes = math.prod(shape) * itemsize(code)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-(8 + len(raw)) % 8)
+
+
+def unpickled(path: Path) -> Path:
+    """A safetensors copy of a pickle checkpoint (only with --allow-pickle), cached by path, size and
+    mtime. torch.load runs with weights_only=True and mmap=True; tensors are written one at a time."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("SMILE_STREAM_CACHE", Path.home() / ".cache" / "smile-stream")) / "unpickled" / key
+    target = cache / (path.stem + ".safetensors")
+    if target.is_file():
+        return target
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the unpickler refuses, say which file
+        raise SmileError(
+            f"{path}: torch.load(weights_only=True) refused it ({exc}). Convert it to safetensors yourself."
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SmileError(f"{path} does not hold a flat dict of tensors (a state dict); smile-stream cannot read it.")
+    cache.mkdir(parents=True, exist_ok=True)
+    names = sorted(state)
+    header = safetensors_header([(n, DTYPE_CODES[state[n].dtype], tuple(state[n].shape)) for n in names])
+    partial = target.with_name(target.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        for name in names:
+            f.write(memoryview(state[name].contiguous().view(-1).view(torch.uint8).numpy()))
+    os.replace(partial, target)
+    return target

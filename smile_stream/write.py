@@ -15,6 +15,7 @@ import mmap
 import os
 import shutil
 import signal
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from . import modeling_smile
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE
 from .plan import Plan, ShardPlan, TensorPlan, explain_changes, plan_command
+from .sources import DTYPES, FLOAT_CODES, nonfinite_error
 
 JOURNAL = "smile-journal.json"
 REMOTE_CODE = "modeling_smile.py"
@@ -189,6 +191,10 @@ def _write_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], t
                 data = produce(tensor)
                 if tuple(data.shape) != tensor.shape:
                     raise RuntimeError(f"{tensor.name}: produced shape {tuple(data.shape)}, planned {tensor.shape}")
+                if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+                    raise SmileError(
+                        f"{tensor.name}: the computed tensor holds NaN or Inf; an input of module {tensor.module or tensor.name} is damaged."
+                    )
                 raw = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
                 _write_all(fd, raw)
                 hasher.update(raw)
@@ -241,8 +247,20 @@ def _copy_range(tensor: TensorPlan, fd: int, hasher: hashlib._Hash) -> None:
             with mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 view = memoryview(mapped)
                 for start in range(info.offset, info.offset + info.nbytes, HASH_CHUNK):
-                    hasher.update(view[start : min(start + HASH_CHUNK, info.offset + info.nbytes)])
+                    chunk = view[start : min(start + HASH_CHUNK, info.offset + info.nbytes)]
+                    hasher.update(chunk)
+                    finite = info.dtype not in FLOAT_CODES or _all_finite(chunk, DTYPES[info.dtype])
+                    chunk.release()
+                    if not finite:
+                        view.release()
+                        raise nonfinite_error(info)
                 view.release()
+
+
+def _all_finite(chunk: memoryview, dtype: torch.dtype) -> bool:
+    with warnings.catch_warnings():  # a read-only view: nothing writes through it
+        warnings.simplefilter("ignore", UserWarning)
+        return bool(torch.isfinite(torch.frombuffer(chunk, dtype=dtype)).all())
 
 
 def _kernel_copy(src: int, dst: int, offset: int, count: int) -> int:
