@@ -342,7 +342,10 @@ def _bytes_differ(a: TensorInfo, b: TensorInfo, chunk: int = 1 << 24) -> bool:
     return False
 
 
-def _layout(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
+def layout(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
+    """Cut the ordered tensors into shards of at most `max_shard_size` tensor bytes (a larger tensor
+    gets a shard of its own), name them and build their headers."""
+
     groups: list[list[TensorPlan]] = [[]]
     size = 0
     for tensor in tensors:
@@ -413,7 +416,7 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
 
     changed = _changed_non_targets(base, experts, targets)
     tensors = _output_tensors(base, modules, options, linears, changed)
-    shards = _layout(tensors, options.max_shard_size)
+    shards = layout(tensors, options.max_shard_size)
     config = _output_config(base, arch, experts, modules, options)
     record = _plan_record(base, experts, options, device)
     return Plan(base, experts, options, device, modules, shards, config, record_hash(record), record, changed)
@@ -485,7 +488,10 @@ def _output_tensors(
     for name, (_, _, layer) in linears.items():
         if layer >= 0:
             blocks[name.rsplit(".", 2)[0]] = layer
-    ordered = sorted(base.tensors.values(), key=lambda t: (_layer_of(t.name, blocks), t.file, t.offset))
+    # The base's own file order: inputs are read front to back, and each layer's modules are
+    # contiguous in every common layout, so the factorizer holds about one layer at a time.
+    ordered = sorted(base.tensors.values(), key=lambda t: (t.file, t.offset))
+
     out = []
     for info in ordered:
         dtype = info.dtype

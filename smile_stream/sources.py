@@ -117,9 +117,17 @@ def _tensor_info(path: str, name: str, entry: object, data_start: int, data_size
 
 def require_finite(tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
     """The tensor, unless it holds NaN or Inf, which would reach the converted model."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not is_finite(tensor):
         raise nonfinite_error(info)
     return tensor
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf. min/max propagate both, and cost one read, without a boolean copy."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.reshape(-1))
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def nonfinite_error(info: TensorInfo) -> SmileError:

@@ -15,8 +15,10 @@ import mmap
 import os
 import shutil
 import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from . import modeling_smile
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE
 from .plan import Plan, ShardPlan, TensorPlan, explain_changes, plan_command
-from .sources import DTYPES, FLOAT_CODES, nonfinite_error
+from .sources import DTYPES, FLOAT_CODES, is_finite, nonfinite_error
 
 JOURNAL = "smile-journal.json"
 REMOTE_CODE = "modeling_smile.py"
@@ -42,7 +44,7 @@ COPIED_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-HASH_CHUNK = 1 << 26
+HASH_CHUNK = 1 << 24
 
 
 def atomic_write(path: Path, data: bytes, crash: str | None = None) -> None:
@@ -157,53 +159,93 @@ def write_shards(
     produce: Callable[[TensorPlan], torch.Tensor],
     on_shard: Callable[[ShardPlan, bool], None],
 ) -> None:
-    """Write every shard not already finished, then the index. `produce` makes non-copied tensors."""
-    for number, shard in enumerate(plan.shards, 1):
-        done = journal["shards"].get(shard.filename)
-        path = out / shard.filename
-        if done and path.is_file() and path.stat().st_size == shard.size:
-            on_shard(shard, True)
-            continue
-        journal["shards"][shard.filename] = {"sha256": _write_shard(shard, path, produce, number), "size": shard.size}
+    """Write every shard not already finished, then the index. `produce` makes non-copied tensors.
+
+    Shard i+1 is filled while a background thread commits shard i (sha256 of the written bytes,
+    fsync, rename, journal entry), so the disk flush overlaps with the next shard's work.
+    """
+    journal_lock = threading.Lock()
+
+    def commit(shard: ShardPlan, fd: int, path: Path, number: int) -> None:
+        digest = commit_shard(fd, path)
         crash_point(f"shard-{number}-renamed")
-        atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
+        with journal_lock:
+            journal["shards"][shard.filename] = {"sha256": digest, "size": shard.size}
+            atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
         on_shard(shard, False)
-    weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
-    index = {
-        "metadata": {"total_size": plan.total_size, "smile_plan_hash": plan.hash},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    atomic_write(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode(), crash="index")
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="smile-commit") as committer:
+        pending: list[Future] = []
+        for number, shard in enumerate(plan.shards, 1):
+            done = journal["shards"].get(shard.filename)
+            path = out / shard.filename
+            if done and path.is_file() and path.stat().st_size == shard.size:
+                on_shard(shard, True)
+                continue
+            for future in pending:
+                if future.done():
+                    future.result()  # surface a failed commit (disk full at fsync) before more work
+            fd = fill_shard(shard, path, produce, number)
+            pending.append(committer.submit(commit, shard, fd, path, number))
+        for future in pending:
+            future.result()
+    write_index(out, plan.shards, {"smile_plan_hash": plan.hash}, crash="index")
 
 
-def _write_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], torch.Tensor], number: int) -> str:
+def write_index(out: Path, shards: list[ShardPlan], metadata: dict, crash: str | None = None) -> None:
+    """`model.safetensors.index.json`: weight map and `metadata.total_size` (tensor bytes)."""
+    weight_map = {t.name: s.filename for s in shards for t in s.tensors}
+    total = sum(t.nbytes for s in shards for t in s.tensors)
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write(out / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode(), crash=crash)
+
+
+def write_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], torch.Tensor]) -> str:
+    """Stream one planned shard to `path` (via `<path>.partial`, fsynced, renamed); returns its sha256."""
+    return commit_shard(fill_shard(shard, path, produce), path)
+
+
+def fill_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], torch.Tensor], number: int = 0) -> int:
+    """Write header and tensors to `<path>.partial`; returns its open descriptor for `commit_shard`."""
     tmp = path.with_name(path.name + ".partial")
-    hasher = hashlib.sha256()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        head = len(shard.header).to_bytes(8, "little") + shard.header
-        _write_all(fd, head)
-        hasher.update(head)
+        _write_all(fd, len(shard.header).to_bytes(8, "little") + shard.header)
         for position, tensor in enumerate(shard.tensors):
             if tensor.role == "copy":
-                _copy_range(tensor, fd, hasher)
+                _copy_range(tensor, fd)
             else:
                 data = produce(tensor)
                 if tuple(data.shape) != tensor.shape:
                     raise RuntimeError(f"{tensor.name}: produced shape {tuple(data.shape)}, planned {tensor.shape}")
-                if data.is_floating_point() and not bool(torch.isfinite(data).all()):
+                if not is_finite(data):
                     raise SmileError(
-                        f"{tensor.name}: the computed tensor holds NaN or Inf; an input of module {tensor.module or tensor.name} is damaged."
+                        f"{tensor.name}: the computed tensor holds NaN or Inf; an input of {tensor.module or tensor.name} is damaged."
                     )
-                raw = memoryview(data.contiguous().view(-1).view(torch.uint8).numpy())
-                _write_all(fd, raw)
-                hasher.update(raw)
+                _write_all(fd, memoryview(data.contiguous().view(-1).view(torch.uint8).numpy()))
             if position == 0:
                 crash_point(f"shard-{number}-mid")
-        os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)  # never leave a half-written shard behind an error we survive
+        raise
+    return fd
+
+
+def commit_shard(fd: int, path: Path) -> str:
+    """sha256 of the bytes as written (read back from the page cache), fsync, close, rename."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        hasher = hashlib.sha256()
+        size = os.fstat(fd).st_size
+        if size:
+            with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+                for start in range(0, size, HASH_CHUNK):
+                    hasher.update(view[start : start + HASH_CHUNK])
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
     os.replace(tmp, path)
@@ -235,32 +277,28 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _copy_range(tensor: TensorPlan, fd: int, hasher: hashlib._Hash) -> None:
-    """Kernel-side copy of a source tensor's bytes; hashed from the page cache through mmap."""
+def _copy_range(tensor: TensorPlan, fd: int) -> None:
+    """Kernel-side copy of a source tensor's bytes, checked for NaN/Inf through an mmap of the source."""
     info = tensor.source
     with open(info.file, "rb") as src:
         left, offset = info.nbytes, info.offset
         while left:
             n = _kernel_copy(src.fileno(), fd, offset, left)
             offset, left = offset + n, left - n
-        if info.nbytes:
-            with mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                view = memoryview(mapped)
-                for start in range(info.offset, info.offset + info.nbytes, HASH_CHUNK):
-                    chunk = view[start : min(start + HASH_CHUNK, info.offset + info.nbytes)]
-                    hasher.update(chunk)
-                    finite = info.dtype not in FLOAT_CODES or _all_finite(chunk, DTYPES[info.dtype])
-                    chunk.release()
-                    if not finite:
-                        view.release()
-                        raise nonfinite_error(info)
-                view.release()
+        if info.nbytes and info.dtype in FLOAT_CODES:
+            with mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+                finite = all(
+                    _finite_bytes(view[start : min(start + HASH_CHUNK, info.offset + info.nbytes)], DTYPES[info.dtype])
+                    for start in range(info.offset, info.offset + info.nbytes, HASH_CHUNK)
+                )
+            if not finite:
+                raise nonfinite_error(info)
 
 
-def _all_finite(chunk: memoryview, dtype: torch.dtype) -> bool:
-    with warnings.catch_warnings():  # a read-only view: nothing writes through it
+def _finite_bytes(chunk: memoryview, dtype: torch.dtype) -> bool:
+    with chunk, warnings.catch_warnings():  # a read-only view: nothing writes through it
         warnings.simplefilter("ignore", UserWarning)
-        return bool(torch.isfinite(torch.frombuffer(chunk, dtype=dtype)).all())
+        return is_finite(torch.frombuffer(chunk, dtype=dtype))
 
 
 def _kernel_copy(src: int, dst: int, offset: int, count: int) -> int:
