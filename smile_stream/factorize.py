@@ -137,7 +137,7 @@ class Factorizer:
             step = max(1, self.budget // per_delta)
             for start in range(0, len(members), step):
                 batch = members[start : start + step]
-                deltas = torch.stack([self._delta(m, slot) for m, slot in batch])
+                deltas = self._deltas(batch, rows, cols)
                 seeds = [seed_for(m.name, self.plan.experts[m.experts[slot]].name) for m, slot in batch]
                 downs, ups = truncated_svd(deltas, rank, method, seeds)
                 del deltas
@@ -145,10 +145,16 @@ class Factorizer:
                     results[m.name, slot] = (downs[j], ups[j])
         return results
 
-    def _delta(self, module: ModulePlan, slot: int) -> torch.Tensor:
-        expert = self.plan.experts[module.experts[slot]].source
-        base = self.plan.base.read(module.weight.name).to(self.device, torch.float32)
-        return expert.read(module.weight.name).to(self.device, torch.float32).sub_(base)
+    def _deltas(self, batch: list[tuple[ModulePlan, int]], rows: int, cols: int) -> torch.Tensor:
+        # Filled in place (no stack copy); the base weight is read once per module of the batch.
+        deltas = torch.empty(len(batch), rows, cols, device=self.device)
+        base_name, base = None, None
+        for j, (module, slot) in enumerate(batch):
+            if module.weight.name != base_name:
+                base_name, base = module.weight.name, self.plan.base.read(module.weight.name).to(self.device, torch.float32)
+            expert = self.plan.experts[module.experts[slot]].source
+            deltas[j].copy_(expert.read(module.weight.name)).sub_(base)
+        return deltas
 
     def _assemble(self, module: ModulePlan, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         dtype = DTYPES[module.dtype]

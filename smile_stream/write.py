@@ -8,6 +8,7 @@ file to file by the kernel (`copy_file_range`), never through Python memory.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -15,7 +16,7 @@ import mmap
 import os
 import shutil
 import signal
-import threading
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,7 @@ from . import modeling_smile
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE
 from .plan import Plan, ShardPlan, TensorPlan, explain_changes, plan_command
-from .sources import DTYPES, FLOAT_CODES, is_finite, nonfinite_error
+from .sources import DTYPES, FLOAT_CODES, TensorInfo, is_finite, nonfinite_error
 
 JOURNAL = "smile-journal.json"
 REMOTE_CODE = "modeling_smile.py"
@@ -161,33 +162,33 @@ def write_shards(
 ) -> None:
     """Write every shard not already finished, then the index. `produce` makes non-copied tensors.
 
-    Shard i+1 is filled while a background thread commits shard i (sha256 of the written bytes,
-    fsync, rename, journal entry), so the disk flush overlaps with the next shard's work.
+    The main thread only moves bytes (kernel copies, produced tensors). One worker thread, in
+    order, hashes them and checks copied tensors for NaN/Inf, then commits each shard (fsync,
+    rename, journal entry), so checksums and disk flushes overlap with the next tensors' work.
     """
-    journal_lock = threading.Lock()
 
-    def commit(shard: ShardPlan, fd: int, path: Path, number: int) -> None:
-        digest = commit_shard(fd, path)
+    def commit(shard: ShardPlan, writer: ShardWriter, number: int) -> None:
+        digest = writer.commit()
         crash_point(f"shard-{number}-renamed")
-        with journal_lock:
-            journal["shards"][shard.filename] = {"sha256": digest, "size": shard.size}
-            atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
+        journal["shards"][shard.filename] = {"sha256": digest, "size": shard.size}
+        atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
         on_shard(shard, False)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="smile-commit") as committer:
-        pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="smile-commit") as worker:
+        commits: list[Future] = []
         for number, shard in enumerate(plan.shards, 1):
             done = journal["shards"].get(shard.filename)
             path = out / shard.filename
             if done and path.is_file() and path.stat().st_size == shard.size:
                 on_shard(shard, True)
                 continue
-            for future in pending:
+            for future in commits:
                 if future.done():
-                    future.result()  # surface a failed commit (disk full at fsync) before more work
-            fd = fill_shard(shard, path, produce, number)
-            pending.append(committer.submit(commit, shard, fd, path, number))
-        for future in pending:
+                    future.result()  # a failed commit (disk full at fsync, NaN found late) stops the run
+            writer = ShardWriter(shard, path, worker)
+            writer.fill(produce, number)
+            commits.append(worker.submit(commit, shard, writer, number))
+        for future in commits:
             future.result()
     write_index(out, plan.shards, {"smile_plan_hash": plan.hash}, crash="index")
 
@@ -202,55 +203,126 @@ def write_index(out: Path, shards: list[ShardPlan], metadata: dict, crash: str |
 
 def write_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], torch.Tensor]) -> str:
     """Stream one planned shard to `path` (via `<path>.partial`, fsynced, renamed); returns its sha256."""
-    return commit_shard(fill_shard(shard, path, produce), path)
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        writer = ShardWriter(shard, path, worker)
+        writer.fill(produce)
+        return worker.submit(writer.commit).result()
 
 
-def fill_shard(shard: ShardPlan, path: Path, produce: Callable[[TensorPlan], torch.Tensor], number: int = 0) -> int:
-    """Write header and tensors to `<path>.partial`; returns its open descriptor for `commit_shard`."""
-    tmp = path.with_name(path.name + ".partial")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd, len(shard.header).to_bytes(8, "little") + shard.header)
-        for position, tensor in enumerate(shard.tensors):
-            if tensor.role == "copy":
-                _copy_range(tensor, fd)
-            else:
-                data = produce(tensor)
-                if tuple(data.shape) != tensor.shape:
-                    raise RuntimeError(f"{tensor.name}: produced shape {tuple(data.shape)}, planned {tensor.shape}")
-                if not is_finite(data):
-                    raise SmileError(
-                        f"{tensor.name}: the computed tensor holds NaN or Inf; an input of {tensor.module or tensor.name} is damaged."
-                    )
-                _write_all(fd, memoryview(data.contiguous().view(-1).view(torch.uint8).numpy()))
-            if position == 0:
-                crash_point(f"shard-{number}-mid")
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)  # never leave a half-written shard behind an error we survive
-        raise
-    return fd
+class ShardWriter:
+    """One shard being written to `<path>.partial`: header first, then tensors in plan order."""
+
+    def __init__(self, shard: ShardPlan, path: Path, worker: ThreadPoolExecutor):
+        self.shard, self.path, self.worker = shard, path, worker
+        self.tmp = path.with_name(path.name + ".partial")
+        self.hasher = hashlib.sha256()
+        self.pending: list[Future] = []
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.written = 0
+
+    def fill(self, produce: Callable[[TensorPlan], torch.Tensor], number: int = 0) -> None:
+        try:
+            self._append(len(self.shard.header).to_bytes(8, "little") + self.shard.header)
+            for position, tensor in enumerate(self.shard.tensors):
+                if tensor.role == "copy":
+                    self._copy(tensor.source)
+                else:
+                    data = produce(tensor)
+                    if tuple(data.shape) != tensor.shape:
+                        raise RuntimeError(f"{tensor.name}: produced shape {tuple(data.shape)}, planned {tensor.shape}")
+                    if not is_finite(data):
+                        raise SmileError(
+                            f"{tensor.name}: the computed tensor holds NaN or Inf; an input of {tensor.module or tensor.name} is damaged."
+                        )
+                    self._append(memoryview(data.contiguous().view(-1).view(torch.uint8).numpy()))
+                if position == 0:
+                    crash_point(f"shard-{number}-mid")
+                self.check()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _append(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        start = self.written
+        while view:
+            n = os.write(self.fd, view)
+            view, self.written = view[n:], self.written + n
+        _start_writeback(self.fd, start, self.written - start)
+        self.pending.append(self.worker.submit(self.hasher.update, data))  # `data` stays alive until hashed
+
+    def _copy(self, info: TensorInfo) -> None:
+        with open(info.file, "rb") as src:
+            left, offset = info.nbytes, info.offset
+            while left:
+                n = _kernel_copy(src.fileno(), self.fd, offset, left)
+                offset, left = offset + n, left - n
+        _start_writeback(self.fd, self.written, info.nbytes)
+        self.written += info.nbytes
+        self.pending.append(self.worker.submit(_hash_source, self.hasher, info))
+
+    def check(self) -> None:
+        """Raise what the worker found so far (NaN/Inf in a copied tensor)."""
+        for job in self.pending:
+            if not job.done():
+                break
+            job.result()
 
 
-def commit_shard(fd: int, path: Path) -> str:
-    """sha256 of the bytes as written (read back from the page cache), fsync, close, rename."""
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        hasher = hashlib.sha256()
-        size = os.fstat(fd).st_size
-        if size:
-            with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-                for start in range(0, size, HASH_CHUNK):
-                    hasher.update(view[start : start + HASH_CHUNK])
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return hasher.hexdigest()
+    def commit(self) -> str:
+        """(On the worker, after all hashing.) fsync, close, rename; the shard's sha256."""
+        try:
+            for job in self.pending:
+                job.result()  # the worker ran them already; re-raises NaN/Inf found in a copied tensor
+            os.fsync(self.fd)
+
+        except BaseException:
+            self.abandon()
+            raise
+        os.close(self.fd)
+        os.replace(self.tmp, self.path)
+        _fsync_dir(self.path.parent)
+        return self.hasher.hexdigest()
+
+    def abandon(self) -> None:
+        for future in self.pending:
+            future.cancel()
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.tmp.unlink(missing_ok=True)  # never leave a half-written shard behind an error we survive
+
+
+def _hash_source(hasher: hashlib._Hash, info: TensorInfo) -> None:
+    """Hash a copied tensor's bytes from the source's pages (as copied), checking them for NaN/Inf."""
+    if not info.nbytes:
+        return
+    with open(info.file, "rb") as src, mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+        finite = True
+        for start in range(info.offset, info.offset + info.nbytes, HASH_CHUNK):
+            with view[start : min(start + HASH_CHUNK, info.offset + info.nbytes)] as chunk:
+                hasher.update(chunk)
+                if info.dtype in FLOAT_CODES and finite:
+                    finite = _finite_bytes(chunk, DTYPES[info.dtype])
+    if not finite:
+        raise nonfinite_error(info)
+
+
+def _finite_bytes(chunk: memoryview, dtype: torch.dtype) -> bool:
+    with warnings.catch_warnings():  # a read-only view: nothing writes through it
+        warnings.simplefilter("ignore", UserWarning)
+        return is_finite(torch.frombuffer(chunk, dtype=dtype))
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    # Ask the kernel to start flushing what was just written, so the shard's final fsync is short.
+    if _LIBC is not None and nbytes:
+        _LIBC.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(nbytes), _SYNC_FILE_RANGE_WRITE)
 
 
 @contextmanager
@@ -269,36 +341,6 @@ def disk_errors(out: Path) -> Iterator[None]:
                 f"{out} cannot be written ({exc.strerror}: {exc.filename}). Choose a writable output folder."
             ) from None
         raise
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _copy_range(tensor: TensorPlan, fd: int) -> None:
-    """Kernel-side copy of a source tensor's bytes, checked for NaN/Inf through an mmap of the source."""
-    info = tensor.source
-    with open(info.file, "rb") as src:
-        left, offset = info.nbytes, info.offset
-        while left:
-            n = _kernel_copy(src.fileno(), fd, offset, left)
-            offset, left = offset + n, left - n
-        if info.nbytes and info.dtype in FLOAT_CODES:
-            with mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-                finite = all(
-                    _finite_bytes(view[start : min(start + HASH_CHUNK, info.offset + info.nbytes)], DTYPES[info.dtype])
-                    for start in range(info.offset, info.offset + info.nbytes, HASH_CHUNK)
-                )
-            if not finite:
-                raise nonfinite_error(info)
-
-
-def _finite_bytes(chunk: memoryview, dtype: torch.dtype) -> bool:
-    with chunk, warnings.catch_warnings():  # a read-only view: nothing writes through it
-        warnings.simplefilter("ignore", UserWarning)
-        return is_finite(torch.frombuffer(chunk, dtype=dtype))
 
 
 def _kernel_copy(src: int, dst: int, offset: int, count: int) -> int:

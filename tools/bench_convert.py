@@ -1,0 +1,179 @@
+"""Benchmark whole conversions on Mistral-7B-shaped synthetic checkpoints, against copying them.
+
+Each job runs `smile-stream convert` in a subprocess whose peak anonymous RSS (RssAnon: heap, not
+mmap'd file pages) is sampled, and is compared with baselines measured in the same run: copying
+the base folder (`cp -r`, then `sync`) and reading all inputs once. The page cache is dropped
+before every measurement when the system allows it (root), so each one starts cold.
+
+    python tools/bench_convert.py            # reduced: 4-layer base + 3 LoRA; 1-layer base + 3 full experts
+    python tools/bench_convert.py --full     # 32-layer base + 3 LoRA; 4-layer base + 3 full experts, randomized and exact
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from smile_stream.measure import PeakMemory, format_bytes
+
+TOOLS = Path(__file__).resolve().parent
+
+
+def drop_caches() -> bool:
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def make(kind: str, out: Path, *args: str) -> None:
+    if not out.exists():
+        subprocess.run([sys.executable, str(TOOLS / "make_synthetic_checkpoint.py"), kind, str(out), *args], check=True)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def timed_copy(base: Path, target: Path) -> float:
+    shutil.rmtree(target, ignore_errors=True)
+    drop_caches()
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(base), str(target)], check=True)
+    subprocess.run(["sync"], check=True)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(target)
+    return seconds
+
+
+def timed_read(folders: list[Path]) -> float:
+    drop_caches()
+    start = time.perf_counter()
+    for folder in folders:
+        for path in sorted(folder.rglob("*.safetensors")):
+            with open(path, "rb") as f:
+                while f.readinto(bytearray(1 << 24)):
+                    pass
+    return time.perf_counter() - start
+
+
+def run_conversion(base: Path, experts: list[Path], out: Path, *options: str) -> tuple[float, int, int]:
+    """(wall seconds, peak RssAnon bytes, output bytes) of one conversion in a subprocess."""
+    shutil.rmtree(out, ignore_errors=True)
+    drop_caches()
+    command = [sys.executable, "-m", "smile_stream", "convert", "--base", str(base), "--out", str(out), "--quiet", *options]
+    for i, expert in enumerate(experts):
+        command += ["--expert", f"e{i}={expert}"]
+    start = time.perf_counter()
+    process = subprocess.Popen(command)
+    with PeakMemory(process.pid, interval=0.01) as memory:
+        code = process.wait()
+    seconds = time.perf_counter() - start
+    if code:
+        raise SystemExit(f"conversion failed with exit code {code}: {' '.join(command)}")
+    shards = sum(p.stat().st_size for p in out.glob("model-*.safetensors"))
+    return seconds, memory.peak, shards
+
+
+def planned_bytes(base: Path, experts: list[Path], *options: str) -> tuple[int, float]:
+    """The plan's predicted shard bytes, and the time the plan (all validation) takes in-process."""
+    from smile_stream import Options, make_plan
+
+    settings = Options(gate_rank=8)
+    for flag, value in zip(options[::2], options[1::2]):
+        key = flag.removeprefix("--").replace("-", "_")
+        setattr(settings, key, int(value) if value.isdigit() else value)
+    make_plan(str(base), [(f"e{i}", str(e)) for i, e in enumerate(experts)], settings)  # warm imports
+    start = time.perf_counter()
+    plan = make_plan(str(base), [(f"e{i}", str(e)) for i, e in enumerate(experts)], settings)
+    return plan.output_bytes, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="the full 7B shape (32 layers; about 45 GB of disk)")
+    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
+    parser.add_argument("--lora-layers", type=int, help="decoder layers of the LoRA job's base")
+    parser.add_argument("--full-layers", type=int, help="decoder layers of the full-expert job's base")
+    parser.add_argument(
+        "--svd", nargs="+", help="SVD engines for the full-expert job (default: randomized, plus exact with --full)"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-lora", action="store_true")
+    parser.add_argument("--skip-full", action="store_true")
+    args = parser.parse_args()
+    lora_layers = args.lora_layers or (32 if args.full else 4)
+    full_layers = args.full_layers or (4 if args.full else 1)
+    engines = args.svd or (["randomized", "exact"] if args.full else ["randomized"])
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    cold = drop_caches()
+    print(
+        f"{os.cpu_count()} CPUs, page cache {'dropped before each measurement' if cold else 'NOT dropped (needs root): warm-cache figures'}"
+    )
+    rows = []
+
+    if not args.skip_lora:
+        base = work / f"mistral-{lora_layers}l"
+        make("base", base, "--num-layers", str(lora_layers))
+        loras = [work / f"lora-{lora_layers}l-{i}" for i in range(3)]
+        for i, lora in enumerate(loras):
+            make("lora", lora, "--base", str(base), "--seed", str(i + 1))
+        copy_s = timed_copy(base, work / "copy")
+        read_s = timed_read([base, *loras])
+        planned, plan_s = planned_bytes(base, loras)
+        wall, peak, written = run_conversion(base, loras, work / "out-lora", "--device", args.device)
+        rows.append(
+            (f"{lora_layers}-layer base + 3 LoRA r=16", wall, copy_s, read_s, peak, written, planned, plan_s, folder_bytes(base))
+        )
+        shutil.rmtree(work / "out-lora")
+
+    if not args.skip_full:
+        base = work / f"mistral-{full_layers}l"
+        make("base", base, "--num-layers", str(full_layers))
+        fulls = [work / f"full-{full_layers}l-{i}" for i in range(3)]
+        for i, full in enumerate(fulls):
+            make("full", full, "--base", str(base), "--seed", str(i + 1))
+        copy_s = timed_copy(base, work / "copy")
+        read_s = timed_read([base, *fulls])
+        for engine in engines:
+            options = ("--expert-rank", "128", "--svd", engine)
+            planned, plan_s = planned_bytes(base, fulls, *options)
+            wall, peak, written = run_conversion(base, fulls, work / "out-full", *options, "--device", args.device)
+            rows.append(
+                (
+                    f"{full_layers}-layer base + 3 full, k=128, {engine}, {args.device}",
+                    wall,
+                    copy_s,
+                    read_s,
+                    peak,
+                    written,
+                    planned,
+                    plan_s,
+                    folder_bytes(base),
+                )
+            )
+            print(f"  {engine}: {wall / full_layers:.1f} s per layer", flush=True)
+            shutil.rmtree(work / "out-full")
+
+    print()
+    print(
+        "| job | wall s | / copy (cp -r + sync) | / read inputs once | peak RssAnon | output bytes | = plan | plan s | GB/s out |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for job, wall, copy_s, read_s, peak, written, planned, plan_s, _ in rows:
+        print(
+            f"| {job} | {wall:.1f} | {wall / copy_s:.2f}x ({copy_s:.1f} s) | {wall / read_s:.2f}x ({read_s:.1f} s) | "
+            f"{format_bytes(peak)} | {written:,} | {'yes' if written == planned else f'NO ({planned:,})'} | {plan_s:.2f} | {written / wall / 1e9:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
