@@ -162,15 +162,48 @@ class SmileLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        tokens = x.reshape(-1, self.in_features)
+        tokens, out = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
         if self._uniform and tokens.shape[0] * self.top_k < self.num_experts:
-            delta = self._sparse_delta(tokens)
+            self._add_sparse(tokens, out)
+        elif self._uniform and self.top_k < self.num_experts and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            self._add_grouped(tokens, out)
         else:
-            delta = self._dense_delta(tokens)
-        return y + delta.view(y.shape).to(y.dtype)
+            self._add_dense(tokens, out)
+        return y
 
-    def _dense_delta(self, tokens: torch.Tensor) -> torch.Tensor:
-        # Prefill: every expert's down-projection in one matmul; the router reads its rows.
+    def _gate(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router on the g gate rows of each expert (same-rank experts): logits (n, E), and the
+        renormalised top-k weights and expert indices (n, top_k)."""
+        down = self.expert_down.view(self.num_experts, self.ranks[0], self.in_features)
+        logits = torch.matmul(down[:, : self.gate_rank, :], tokens.t()).float().norm(dim=1).t()
+        top, index = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
+        return logits, top / top.sum(-1, keepdim=True), index
+
+    def _add_grouped(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
+        # Prefill on the CPU, top_k < E: route first, then one pair of matmuls per expert over the
+        # tokens routed to it (sorted by expert), so each token only pays for its own experts.
+        k, n = self.ranks[0], tokens.shape[0]
+        down = self.expert_down.view(self.num_experts, k, self.in_features)
+        up = self.expert_up.view(self.out_features, self.num_experts, k)
+        logits, top, index = self._gate(tokens)
+        experts = index.reshape(-1)
+        order = torch.argsort(experts, stable=True)
+        rows = order // self.top_k  # the token of each (token, choice) pair, grouped by expert
+        inputs, weights = tokens.index_select(0, rows), top.reshape(-1)[order].unsqueeze(1).to(tokens.dtype)
+        start = 0
+        for expert, count in enumerate(torch.bincount(experts, minlength=self.num_experts).tolist()):
+            if count:
+                part = slice(start, start + count)
+                h = F.linear(inputs[part], down[expert]).mul_(weights[part])
+                out.index_add_(0, rows[part], F.linear(h, up[:, expert, :]))
+                start += count
+        if self.expert_bias is not None:
+            out.addmm_(torch.zeros_like(logits).scatter(-1, index, top).to(out.dtype), self.expert_bias)
+
+
+    def _add_dense(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
+        # Prefill: every expert's down-projection in one matmul, whose first g rows per expert are
+        # the router; the routing weights scale those columns; one matmul adds all experts to `out`.
         h = F.linear(tokens, self.expert_down)
         n, g = h.shape[0], self.gate_rank
         if self._uniform:
@@ -181,26 +214,31 @@ class SmileLinear(nn.Module):
             parts = h.split(self.ranks, dim=-1)
             weights = self.routing_weights(torch.stack([p[:, :g].float().norm(dim=-1) for p in parts], -1))
             h = torch.cat([p * weights[:, i : i + 1].to(h.dtype) for i, p in enumerate(parts)], -1)
-        delta = F.linear(h, self.expert_up)
+        out.addmm_(h, self.expert_up.t())
         if self.expert_bias is not None:
-            delta = delta + weights.to(delta.dtype) @ self.expert_bias
-        return delta
+            out.addmm_(weights.to(out.dtype), self.expert_bias)
 
-    def _sparse_delta(self, tokens: torch.Tensor) -> torch.Tensor:
-        # Decoding: read the gate rows of every expert, then only the selected experts' factors.
-        k, g, n = self.ranks[0], self.gate_rank, tokens.shape[0]
+    def _add_sparse(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
+        # Decoding: read the g gate rows of every expert, then only the selected experts' factors.
+        k, n = self.ranks[0], tokens.shape[0]
         down = self.expert_down.view(self.num_experts, k, self.in_features)
-        gate = torch.matmul(tokens.unsqueeze(0), down[:, :g, :].transpose(1, 2))  # (E, n, g)
-        weights = self.routing_weights(gate.float().norm(dim=-1).transpose(0, 1))  # (n, E)
-        top, index = weights.topk(self.top_k, dim=-1)  # (n, top_k)
-        flat = index.reshape(-1)
-        h = torch.einsum("tjki,ti->tjk", down[flat].view(n, self.top_k, k, -1), tokens)
-        h = h * top.unsqueeze(-1).to(h.dtype)
-        up = self.expert_up.view(self.out_features, self.num_experts, k).index_select(1, flat)
-        delta = torch.einsum("otjk,tjk->to", up.view(self.out_features, n, self.top_k, k), h)
+        up = self.expert_up.view(self.out_features, self.num_experts, k)
+        logits, top, index = self._gate(tokens)
+        if n == 1 and tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            # One token on the CPU: use the selected blocks in place (matrix-vector products on
+            # strided views), so no weights are copied.
+            x, row = tokens[0], out[0]
+            for weight, expert in zip(top[0].tolist(), index[0].tolist()):
+                row.addmv_(up[:, expert, :], torch.mv(down[expert], x), alpha=weight)
+        else:
+            # Gathers keep this free of host synchronisation, for CUDA graphs and torch.compile.
+            flat = index.reshape(-1)
+            h = torch.einsum("tjki,ti->tjk", down[flat].view(n, self.top_k, k, -1), tokens)
+            h = h * top.unsqueeze(-1).to(h.dtype)
+            out.add_(torch.einsum("otjk,tjk->to", up.index_select(1, flat).view(self.out_features, n, self.top_k, k), h))
         if self.expert_bias is not None:
-            delta = delta + weights.to(delta.dtype) @ self.expert_bias
-        return delta
+            dense = torch.zeros_like(logits).scatter(-1, index, top)
+            out.addmm_(dense.to(out.dtype), self.expert_bias)
 
 
 def upscale_modules(model: nn.Module, smile: dict) -> None:

@@ -219,11 +219,11 @@ def discover_linears(base: Checkpoint, trust_remote_code: bool) -> tuple[str, di
     }
     linears = {}
     for name, module in model.named_modules():
+        block = next((i for prefix, i in blocks.items() if name.startswith(prefix + ".")), -1)
         if isinstance(module, torch.nn.Linear):
-            block = next((i for prefix, i in blocks.items() if name.startswith(prefix + ".")), -1)
             linears[name] = (module.in_features, module.out_features, block)
         elif type(module).__name__ == "Conv1D":
-            linears[name] = (None, None, -1)  # GPT-2-style transposed linear: not supported
+            linears[name] = (None, None, block)  # GPT-2-style transposed linear: refused as a target
     return arch, linears
 
 
@@ -247,7 +247,11 @@ def _select_targets(base: Checkpoint, linears: dict, pattern: str | None) -> dic
         chosen = {n: v for n, v in linears.items() if v[2] >= 0}
     conv = sorted(n for n, v in chosen.items() if v[0] is None)
     if conv:
-        raise SmileError(f"{conv[0]} is a GPT-2-style Conv1D layer; smile-stream upscales nn.Linear layers only.")
+        raise SmileError(
+            f"{base.folder}: {conv[0]} is a GPT-2-style Conv1D layer (weights stored transposed, LoRA with "
+            "fan_in_fan_out). smile-stream upscales nn.Linear layers only; this architecture is not supported yet."
+        )
+
     if not chosen:
         raise SmileError(
             f"No linear layer of the base matches --targets {pattern!r}."
