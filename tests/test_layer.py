@@ -99,3 +99,59 @@ def test_uneven_ranks_and_low_rank_gate():
             out = out + w * (u[:, :8] @ torch.diag(s[:8]) @ vh[:8] @ token)
         expected.append(out)
     torch.testing.assert_close(y.double(), torch.stack(expected).detach(), rtol=1e-4, atol=1e-5)
+
+
+def _small_layer(device="cpu", dtype=torch.float32, top_k=2):
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48)
+    experts = [nn.Linear(64, 48) for _ in range(4)]
+    return SmileLinear.from_linears(base, experts, gate_rank=4, expert_rank=16, top_k=top_k).to(device, dtype), base, experts
+
+
+def _loop_oracle(layer, base, experts, x):
+    """Per token: route on the experts' top gate directions, add the routed rank-16 approximations."""
+    out = []
+    for token in x.reshape(-1, x.shape[-1]).double().cpu():
+        logits, approx = [], []
+        for e in experts:
+            u, s, vh = torch.linalg.svd((e.weight - base.weight).double().detach())
+            logits.append((vh[:4] @ token).norm())
+            approx.append(u[:, :16] @ torch.diag(s[:16]) @ vh[:16] @ token + (e.bias - base.bias).double().detach())
+        p = torch.softmax(torch.stack(logits), 0)
+        top, idx = p.topk(layer.top_k)
+        top = top / top.sum()
+        out.append(base.weight.double().detach() @ token + base.bias.double().detach() + sum(w * approx[i] for w, i in zip(top, idx)))
+    return torch.stack(out).reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 40])
+def test_every_dispatch_path_matches_per_token_oracle(tokens):
+    # 1 token: in-place decode path; 2 tokens x top-2 >= 4 experts: grouped; and the dense path
+    layer, base, experts = _small_layer()
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
+    expected = _loop_oracle(layer, base, experts, x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=5e-5)
+
+        out = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        layer._add_dense(x, out)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=5e-5)
+
+
+def test_torch_compile_fullgraph():
+    layer, base, experts = _small_layer(top_k=1)
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        for tokens in (1, 24):  # the gather-based decode path, and the dense path
+            x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
+            torch.testing.assert_close(compiled(x).double(), _loop_oracle(layer, base, experts, x), rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_decode():
+    layer, base, experts = _small_layer("cuda", top_k=1)
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for seed in range(4):  # replays of the captured graph with new inputs
+            x = torch.randn(1, 64, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(compiled(x.cuda()).double().cpu(), _loop_oracle(layer, base, experts, x), rtol=1e-4, atol=5e-5)
