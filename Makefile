@@ -22,8 +22,12 @@ test: install
 demo: install
 	$(PY) tools/demo.py
 
+# Reduced benchmarks, about 6 minutes on 2 cores (see README, Benchmarks; `--full` variants there).
 bench: install
+	$(PY) tools/bench_convert.py
 	$(PY) tools/bench_svd.py --quick
+	$(PY) tools/bench_layer.py --quick
+
 
 lint: install
 	$(VENV)/bin/ruff check smile_stream tests tools
