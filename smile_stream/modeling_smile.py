@@ -182,7 +182,7 @@ class SmileLinear(nn.Module):
     def _add_grouped(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
         # Prefill on the CPU, top_k < E: route first, then one pair of matmuls per expert over the
         # tokens routed to it (sorted by expert), so each token only pays for its own experts.
-        k, n = self.ranks[0], tokens.shape[0]
+        k = self.ranks[0]
         down = self.expert_down.view(self.num_experts, k, self.in_features)
         up = self.expert_up.view(self.out_features, self.num_experts, k)
         logits, top, index = self._gate(tokens)
@@ -199,7 +199,6 @@ class SmileLinear(nn.Module):
                 start += count
         if self.expert_bias is not None:
             out.addmm_(torch.zeros_like(logits).scatter(-1, index, top).to(out.dtype), self.expert_bias)
-
 
     def _add_dense(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
         # Prefill: every expert's down-projection in one matmul, whose first g rows per expert are

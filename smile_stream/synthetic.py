@@ -22,7 +22,6 @@ FAMILIES = {
 }
 
 
-
 def tiny_config(
     family: str = "llama",
     hidden: int = 64,
@@ -116,37 +115,6 @@ def make_lora(
     return Path(folder)
 
 
-def make_full_expert(
-    folder: str | Path,
-    base: str | Path,
-    seed: int = 2,
-    rank: int = 8,
-    noise: float = 0.002,
-    strength: float = 0.05,
-    modules: str | None = None,
-    bias_noise: float = 0.01,
-) -> Path:
-    """A "full fine-tune" of the base: every linear weight in the decoder blocks (or those whose name
-    contains `modules`) plus a random rank-`rank` delta and dense noise; other tensors unchanged."""
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype="auto")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".layers." in name and (modules is None or modules in name):
-                out_f, in_f = module.weight.shape
-                left = torch.randn(out_f, rank, generator=generator) * strength / rank**0.5
-                right = torch.randn(rank, in_f, generator=generator) / in_f**0.5
-                delta = left @ right * (in_f / out_f) ** 0.5 + noise * torch.randn(out_f, in_f, generator=generator)
-                module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
-                if module.bias is not None and bias_noise:
-                    module.bias.add_((bias_noise * torch.randn(out_f, generator=generator)).to(module.bias.dtype))
-    model.save_pretrained(str(folder))
-    save_byte_tokenizer(folder)
-    return Path(folder)
-
-
 # --- Streaming writers for large synthetic checkpoints (the scale benchmarks) ---------------------
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -201,12 +169,16 @@ def _random(shape: tuple[int, ...], name: str, seed: int, std: float = 0.02) -> 
     return pool.repeat(-(-(n + start) // len(pool)))[start : start + n].view(shape)
 
 
-def _stream(folder: Path, tensors: list, max_shard_size: int, produce) -> None:
+def _stream(folder: Path, tensors: list, max_shard_size: int, produce, single_name: str = "model.safetensors") -> None:
+    """Write tensors as Hugging Face does: one `single_name` file, or shards plus an index."""
     from .plan import layout
     from .write import write_index, write_shard
 
     folder.mkdir(parents=True, exist_ok=True)
     shards = layout(tensors, max_shard_size)
+    if len(shards) == 1:
+        write_shard(shards[0], folder / single_name, produce)
+        return
     for shard in shards:
         write_shard(shard, folder / shard.filename, produce)
     write_index(folder, shards, {})
@@ -250,9 +222,10 @@ def write_random_lora(
             tensors.append(TensorPlan(prefix + ".lora_A.weight", "F32", (r, in_f), -1, "generate"))
             tensors.append(TensorPlan(prefix + ".lora_B.weight", "F32", (out_f, r), -1, "generate"))
     folder.mkdir(parents=True, exist_ok=True)
-    _stream(folder, tensors, 10**12, lambda t: _random(t.shape, t.name, seed, std=1 / t.shape[-1] ** 0.5))
-    (folder / "model-00001-of-00001.safetensors").rename(folder / "adapter_model.safetensors")
-    (folder / "model.safetensors.index.json").unlink()
+    _stream(
+        folder, tensors, 10**12, lambda t: _random(t.shape, t.name, seed, std=1 / t.shape[-1] ** 0.5), "adapter_model.safetensors"
+    )
+
     adapter_config = {
         "peft_type": "LORA",
         "r": r,
@@ -281,9 +254,12 @@ def write_full_variant(
     strength: float = 0.02,
     seed: int = 2,
     max_shard_size: int = 5 * 10**9,
+    modules: str | None = None,
+    bias_noise: float = 0.0,
 ) -> Path:
-    """A "full fine-tune" of the checkpoint at `base`: each linear weight in the decoder blocks plus a
-    random rank-`rank` delta and dense noise; other tensors copied. One tensor at a time."""
+    """A "full fine-tune" of the checkpoint at `base`: each linear weight in the decoder blocks (or
+    those whose name contains `modules`) plus a random rank-`rank` delta and dense noise, and their
+    biases plus `bias_noise`; other tensors copied. One tensor at a time."""
     import shutil
 
     from .factorize import seed_for
@@ -296,12 +272,21 @@ def write_full_variant(
         TensorPlan(i.name, i.dtype, i.shape, -1, "generate")
         for i in sorted(checkpoint.tensors.values(), key=lambda i: (i.file, i.offset))
     ]
+    linears = {
+        name
+        for name, info in checkpoint.tensors.items()
+        if ".layers." in name and name.endswith(".weight") and len(info.shape) == 2
+    }
 
     def produce(t):
         weight = checkpoint.read(t.name)
-        if ".layers." not in t.name or not t.name.endswith("proj.weight"):
+        module, _, kind = t.name.rpartition(".")
+        if ".layers." not in t.name or module + ".weight" not in linears or (modules and modules not in module):
             return weight
         g = torch.Generator().manual_seed(seed_for(t.name, "variant", str(seed)))
+        if kind == "bias":
+            return (weight.float() + bias_noise * torch.randn(t.shape, generator=g)).to(weight.dtype) if bias_noise else weight
+
         out_f, in_f = t.shape
         left = torch.randn(out_f, rank, generator=g) * (strength / rank**0.5)
         delta = left @ torch.randn(rank, in_f, generator=g)

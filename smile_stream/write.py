@@ -268,7 +268,6 @@ class ShardWriter:
                 break
             job.result()
 
-
     def commit(self) -> str:
         """(On the worker, after all hashing.) fsync, close, rename; the shard's sha256."""
         try:

@@ -36,7 +36,8 @@ def models(tmp_path_factory):
                 if kind.startswith("lora"):
                     synthetic.make_lora(path, base, **kwargs)
                 else:
-                    synthetic.make_full_expert(path, base, **kwargs)
+                    synthetic.write_full_variant(path, base, **{"rank": 8, "bias_noise": 0.01, **kwargs})
+
             cache[key] = path
         return cache[key]
 

@@ -25,26 +25,25 @@ def _full_expert_specs(base, folders, rank=RANK):
     return [{m: (d, b, rank) for m, (d, b) in full_deltas(base, f).items()} for f in folders]
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_three_full_experts_match_oracle(models, tmp_path, family):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("family, device", [("mistral", "cpu"), ("qwen2", "cpu"), pytest.param("qwen2", "cuda", marks=CUDA)])
+def test_three_full_experts_match_oracle(models, tmp_path, family, device):
     base = models(family)
     folders = [models(f"{family}:full_{i}", seed=20 + i) for i in range(3)]
     out = tmp_path / "out"
-    convert(
-        str(base),
-        [(f"e{i}", str(f)) for i, f in enumerate(folders)],
-        out,
-        Options(gate_rank=GATE_RANK, top_k=TOP_K, expert_rank=RANK, svd="exact"),
-        quiet=True,
-    )
+    options = Options(gate_rank=GATE_RANK, top_k=TOP_K, expert_rank=RANK, svd="exact", device=device)
+    convert(str(base), [(f"e{i}", str(f)) for i, f in enumerate(folders)], out, options, quiet=True)
     config = json.loads((out / "config.json").read_text())
     biased = [m for m, spec in config["smile"]["modules"].items() if spec["expert_bias"]]
     assert bool(biased) == (family == "qwen2")  # Qwen2 q/k/v carry biases, and the experts changed them
     ids = _ids()
     with torch.no_grad():
-        logits = smile_stream.load_model(out)(ids).logits.double()
+        model = smile_stream.load_model(out, device_map="auto")
+        logits = model(ids.to(model.device)).logits.double().cpu()
         expected = oracle_model(base, _full_expert_specs(base, folders), GATE_RANK, TOP_K)(ids).logits
-    torch.testing.assert_close(logits, expected, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(logits, expected, rtol=5e-4, atol=5e-4)
 
 
 def test_mixed_full_and_lora_experts(models, tmp_path):
@@ -170,7 +169,7 @@ def test_randomized_svd_within_one_percent_of_exact(shape, rank):
     assert torch.equal(again[0], down) and torch.equal(again[1], up)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@CUDA
 def test_cuda_factors_match_cpu():
     g = torch.Generator().manual_seed(0)
     deltas = torch.randn(3, 256, 384, generator=g) @ torch.diag(torch.linspace(1, 0.01, 384)) * 0.1
@@ -178,22 +177,3 @@ def test_cuda_factors_match_cpu():
         cpu_down, cpu_up = truncated_svd(deltas, 32, method, [1, 2, 3])
         gpu_down, gpu_up = truncated_svd(deltas.cuda(), 32, method, [1, 2, 3])
         torch.testing.assert_close((gpu_up @ gpu_down).cpu(), cpu_up @ cpu_down, rtol=1e-3, atol=1e-4)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_conversion_matches_oracle(models, tmp_path):
-    base = models("qwen2")
-    folders = [models(f"qwen2:full_{i}", seed=20 + i) for i in range(3)]
-    out = tmp_path / "out"
-    convert(
-        str(base),
-        [(f"e{i}", str(f)) for i, f in enumerate(folders)],
-        out,
-        Options(gate_rank=GATE_RANK, top_k=TOP_K, expert_rank=RANK, svd="exact", device="cuda"),
-        quiet=True,
-    )
-    ids = _ids()
-    with torch.no_grad():
-        logits = smile_stream.load_model(out, device_map="auto")(ids.cuda()).logits.double().cpu()
-        expected = oracle_model(base, _full_expert_specs(base, folders), GATE_RANK, TOP_K)(ids).logits
-    torch.testing.assert_close(logits, expected, rtol=5e-4, atol=5e-4)

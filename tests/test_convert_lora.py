@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import transformers
+from loaders import LOADERS
 from oracle import lora_deltas, oracle_model
 from safetensors import safe_open
 
@@ -56,26 +57,6 @@ def converted(models, tmp_path_factory):
         return cache[family]
 
     return get
-
-
-def _remote(out):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, device_map="auto")
-
-
-def _accelerate(out):
-    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
-
-    config = transformers.AutoConfig.from_pretrained(str(out))
-    with init_empty_weights():
-        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    return load_checkpoint_and_dispatch(model, str(out), device_map="auto", no_split_module_classes=model._no_split_modules)
-
-
-LOADERS = {
-    "remote_code": _remote,
-    "load_model": lambda out: smile_stream.load_model(out, device_map="auto"),
-    "accelerate": _accelerate,
-}
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])

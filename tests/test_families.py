@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-import transformers
+from loaders import LOADERS
 from oracle import lora_deltas, oracle_model
 
 import smile_stream
@@ -27,32 +27,20 @@ def family_outputs(models, tmp_path_factory):
             base = synthetic.make_base(root / "base", family, seed=7)
             adapters = [synthetic.make_lora(root / f"lora{i}", base, **kw) for i, kw in enumerate(ADAPTERS[family])]
             out = root / "out"
-            convert(str(base), [(f"e{i}", str(a)) for i, a in enumerate(adapters)], out, Options(gate_rank=4, top_k=2), quiet=True)
+            convert(
+                str(base), [(f"e{i}", str(a)) for i, a in enumerate(adapters)], out, Options(gate_rank=4, top_k=2), quiet=True
+            )
             cache[family] = base, adapters, out
         return cache[family]
 
     return get
 
 
-def _remote(out):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, device_map="auto")
-
-
-def _accelerate(out):
-    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
-
-    config = transformers.AutoConfig.from_pretrained(str(out))
-    with init_empty_weights():
-        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    return load_checkpoint_and_dispatch(model, str(out), device_map="auto", no_split_module_classes=model._no_split_modules)
-
-
 @pytest.mark.parametrize("family", list(ADAPTERS))
 @pytest.mark.parametrize("loader", ["remote_code", "load_model", "accelerate"])
 def test_family_logits_equal_oracle(family_outputs, family, loader):
     base, adapters, out = family_outputs(family)
-    load = {"remote_code": _remote, "load_model": lambda o: smile_stream.load_model(o, device_map="auto"), "accelerate": _accelerate}[loader]
-    model = load(out)
+    model = LOADERS[loader](out)
     ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(3))
     experts = [{m: (d, None, d.shape[0]) for m, d in lora_deltas(base, a).items()} for a in adapters]
     with torch.no_grad():

@@ -120,7 +120,9 @@ def _loop_oracle(layer, base, experts, x):
         p = torch.softmax(torch.stack(logits), 0)
         top, idx = p.topk(layer.top_k)
         top = top / top.sum()
-        out.append(base.weight.double().detach() @ token + base.bias.double().detach() + sum(w * approx[i] for w, i in zip(top, idx)))
+        out.append(
+            base.weight.double().detach() @ token + base.bias.double().detach() + sum(w * approx[i] for w, i in zip(top, idx))
+        )
     return torch.stack(out).reshape(*x.shape[:-1], -1)
 
 
@@ -154,4 +156,6 @@ def test_cuda_graphs_decode():
     with torch.no_grad():
         for seed in range(4):  # replays of the captured graph with new inputs
             x = torch.randn(1, 64, generator=torch.Generator().manual_seed(seed))
-            torch.testing.assert_close(compiled(x.cuda()).double().cpu(), _loop_oracle(layer, base, experts, x), rtol=1e-4, atol=5e-5)
+            torch.testing.assert_close(
+                compiled(x.cuda()).double().cpu(), _loop_oracle(layer, base, experts, x), rtol=1e-4, atol=5e-5
+            )

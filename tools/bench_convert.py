@@ -38,6 +38,16 @@ def make(kind: str, out: Path, *args: str) -> None:
         subprocess.run([sys.executable, str(TOOLS / "make_synthetic_checkpoint.py"), kind, str(out), *args], check=True)
 
 
+def inputs(work: Path, kind: str, layers: int) -> tuple[Path, list[Path]]:
+    """A Mistral-7B-shaped base of `layers` layers and three experts of `kind` (lora or full), made once."""
+    base = work / f"mistral-{layers}l"
+    make("base", base, "--num-layers", str(layers))
+    experts = [work / f"{kind}-{layers}l-{i}" for i in range(3)]
+    for i, expert in enumerate(experts):
+        make(kind, expert, "--base", str(base), "--seed", str(i + 1))
+    return base, experts
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -121,11 +131,7 @@ def main() -> None:
     rows = []
 
     if not args.skip_lora:
-        base = work / f"mistral-{lora_layers}l"
-        make("base", base, "--num-layers", str(lora_layers))
-        loras = [work / f"lora-{lora_layers}l-{i}" for i in range(3)]
-        for i, lora in enumerate(loras):
-            make("lora", lora, "--base", str(base), "--seed", str(i + 1))
+        base, loras = inputs(work, "lora", lora_layers)
         copy_s = timed_copy(base, work / "copy")
         read_s = timed_read([base, *loras])
         planned, plan_s = planned_bytes(base, loras)
@@ -136,11 +142,7 @@ def main() -> None:
         shutil.rmtree(work / "out-lora")
 
     if not args.skip_full:
-        base = work / f"mistral-{full_layers}l"
-        make("base", base, "--num-layers", str(full_layers))
-        fulls = [work / f"full-{full_layers}l-{i}" for i in range(3)]
-        for i, full in enumerate(fulls):
-            make("full", full, "--base", str(base), "--seed", str(i + 1))
+        base, fulls = inputs(work, "full", full_layers)
         copy_s = timed_copy(base, work / "copy")
         read_s = timed_read([base, *fulls])
         for engine in engines:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,13 +23,19 @@ from smile_stream import SmileLinear
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 
 
-def make_layer(fan_in: int, fan_out: int, experts: int, rank: int, gate_rank: int, top_k: int, device: str, dtype: torch.dtype) -> SmileLinear:
+def make_layer(
+    fan_in: int, fan_out: int, experts: int, rank: int, gate_rank: int, top_k: int, device: str, dtype: torch.dtype
+) -> SmileLinear:
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5
     downs = [torch.linalg.qr(torch.randn(fan_in, rank, generator=g)).Q.T.contiguous() for _ in range(experts)]
     ups = [torch.randn(fan_out, rank, generator=g) * 0.01 for _ in range(experts)]
     layer = SmileLinear.from_factors(weight, torch.zeros(fan_out), downs, ups, gate_rank, top_k)
     return layer.to(device, dtype).eval()
+
+
+def base_forward(layer: SmileLinear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, layer.weight, layer.bias)
 
 
 def loop_forward(layer: SmileLinear, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +89,9 @@ def main() -> None:
     devices = args.device or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     experts_list, ranks = ([4], [128]) if args.quick else ([2, 4, 8], [32, 128])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, gate rank {args.gate_rank}, top-{args.top_k}")
-    print("| device | dtype | in->out | E | k | tokens | base ms | SMILE / base | loop / base | SMILE overhead / loop overhead | max abs diff |")
+    print(
+        "| device | dtype | in->out | E | k | tokens | base ms | SMILE / base | loop / base | SMILE overhead / loop overhead | max abs diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for device in devices:
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -94,7 +103,10 @@ def main() -> None:
                         x = torch.randn(1, tokens, fan_in, generator=torch.Generator().manual_seed(tokens)).to(device, dtype)
                         repeats = args.repeats if tokens > 1 else args.repeats * 10
                         base, smile, loop = timeit(
-                            [lambda t: F.linear(t, layer.weight, layer.bias), layer, lambda t: loop_forward(layer, t)], x, device, repeats
+                            [partial(base_forward, layer), layer, partial(loop_forward, layer)],
+                            x,
+                            device,
+                            repeats,
                         )
                         with torch.no_grad():
                             diff = (layer(x).float() - loop_forward(layer, x).float()).abs().max().item()
