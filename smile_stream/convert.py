@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ class TensorSource:
     """Makes the tensors the writer cannot copy: casts, averages, and expert factors, computing the
     experts of one decoder layer at a time while the next layer's inputs are read ahead."""
 
-    def __init__(self, plan: Plan, on_layer: callable = None):
+    def __init__(self, plan: Plan, on_layer: Callable[[int], None] | None = None):
         self.plan, self.on_layer = plan, on_layer
         self.factorizer = Factorizer(plan)
         self.layers = list(dict.fromkeys(t.layer for s in plan.shards for t in s.tensors if t.module))

@@ -127,9 +127,6 @@ class Plan:
     def added_params(self) -> int:
         return sum(math.prod(t.shape) for s in self.shards for t in s.tensors if t.module)
 
-    def layers(self) -> list[int]:
-        return sorted({m.layer for m in self.modules.values()})
-
 
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, 1000 -> 1000."""
