@@ -160,7 +160,7 @@ class Factorizer:
         dtype = DTYPES[module.dtype]
         tensors = {
             module.name + ".expert_down": torch.cat([down for down, _ in factors], 0).to("cpu", dtype).contiguous(),
-            module.name + ".expert_up": torch.cat([up for _, up in factors], 1).to("cpu", dtype).contiguous(),
+            module.name + ".expert_up": torch.cat([up.t() for _, up in factors], 0).to("cpu", dtype).contiguous(),
         }
         if module.expert_bias:
             base_bias = self.plan.base.read(module.bias.name).float()

@@ -510,7 +510,7 @@ def _output_tensors(
                 TensorPlan(module.name + ".expert_down", module.dtype, (k, module.in_features), layer, "down", module=module.name)
             )
             out.append(
-                TensorPlan(module.name + ".expert_up", module.dtype, (module.out_features, k), layer, "up", module=module.name)
+                TensorPlan(module.name + ".expert_up", module.dtype, (k, module.out_features), layer, "up", module=module.name)
             )
             if module.expert_bias:
                 out.append(

@@ -183,7 +183,7 @@ def _deep_check(smile: dict, tensors: dict[str, TensorInfo], samples: int, probl
                 delta = lora.scale * source.read(lora.b).double() @ source.read(lora.a).double()
             else:
                 delta = source.read(name + ".weight").double() - base.read(name + ".weight").double()
-            approx = up[:, start : start + rank] @ down[start : start + rank]
+            approx = up[start : start + rank].t() @ down[start : start + rank]
             start += rank
             norm = float(torch.linalg.norm(delta)) or 1.0
             error = float(torch.linalg.norm(delta - approx)) / norm

@@ -89,7 +89,7 @@ def test_truncated_rank_matches_truncated_svd(inputs, tmp_path):
     delta = lora_deltas(base, b)["model.layers.1.mlp.down_proj"]
     u, s, vh = torch.linalg.svd(delta)
     best = u[:, :3] @ torch.diag(s[:3]) @ vh[:3]
-    torch.testing.assert_close((layer.expert_up @ layer.expert_down).double(), best, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((layer.expert_up.t() @ layer.expert_down).double(), best, rtol=1e-4, atol=1e-5)
 
 
 def test_hub_id_from_offline_cache(inputs, tmp_path):

@@ -44,7 +44,7 @@ def loop_forward(layer: SmileLinear, x: torch.Tensor) -> torch.Tensor:
     out = F.linear(tokens, layer.weight, layer.bias)
     k, g, e = layer.ranks[0], layer.gate_rank, layer.num_experts
     downs = layer.expert_down.view(e, k, -1)
-    ups = layer.expert_up.view(layer.out_features, e, k)
+    ups = layer.expert_up.view(e, k, layer.out_features)
     gate = downs[:, :g, :].reshape(e * g, -1)
     logits = F.linear(tokens, gate).view(-1, e, g).float().norm(dim=-1)
     weights, selected = torch.softmax(logits, -1).topk(layer.top_k, dim=-1)
@@ -54,7 +54,7 @@ def loop_forward(layer: SmileLinear, x: torch.Tensor) -> torch.Tensor:
         slot, token = torch.where(mask[expert])
         if token.numel() == 0:
             continue
-        h = F.linear(F.linear(tokens[token], downs[expert]), ups[:, expert, :])
+        h = F.linear(tokens[token], downs[expert]) @ ups[expert]
         out.index_add_(0, token, h * weights[token, slot, None])
     return out.view(*x.shape[:-1], -1)
 
