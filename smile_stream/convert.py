@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,15 @@ class TensorSource:
         self.factorizer = Factorizer(plan)
         self.layers = list(dict.fromkeys(t.layer for s in plan.shards for t in s.tensors if t.module))
         self.cache: dict[int, dict[str, torch.Tensor]] = {}
+        # expert tensors still to be served, per layer: a layer's cache entry goes when it reaches 0,
+        # including tensors of shards a resumed run keeps (`skip`), which are never asked for
+        self.remaining = Counter(t.layer for s in plan.shards for t in s.tensors if t.module)
+
+    def skip(self, shard: ShardPlan) -> None:
+        """The writer kept this shard from an earlier run: its expert tensors will not be asked for."""
+        for tensor in shard.tensors:
+            if tensor.module:
+                self._served(tensor)
 
     def __call__(self, tensor: TensorPlan) -> torch.Tensor:
         dtype = DTYPES[tensor.dtype]
@@ -47,11 +57,16 @@ class TensorSource:
             self.cache[layer] = self.factorizer.layer_tensors(layer)
             if self.on_layer:
                 self.on_layer(layer)
-        tensors = self.cache[layer]
-        result = tensors.pop(tensor.name)
-        if not tensors:
-            del self.cache[layer]
+        result = self.cache[layer][tensor.name]
+        self._served(tensor)
         return result
+
+    def _served(self, tensor: TensorPlan) -> None:
+        self.remaining[tensor.layer] -= 1
+        if tensor.layer in self.cache:
+            self.cache[tensor.layer].pop(tensor.name, None)
+            if not self.remaining[tensor.layer]:
+                del self.cache[tensor.layer]
 
     def _read_ahead(self, layer: int) -> None:
         position = self.layers.index(layer)
@@ -59,11 +74,9 @@ class TensorSource:
             upcoming = self.layers[position + 1]
             infos = []
             for module in self.plan.modules.values():
-                if module.layer == upcoming:
-                    for i in module.experts:
-                        source = self.plan.experts[i].source
-                        if self.plan.experts[i].kind == "full":
-                            infos += [module.weight, source.tensors[module.weight.name]]
+                fulls = [self.plan.experts[i].source for i in module.experts if self.plan.experts[i].kind == "full"]
+                if module.layer == upcoming and fulls:
+                    infos += [module.weight, *(source.tensors[module.weight.name] for source in fulls)]
             if infos:
                 prefetch(infos)
 
@@ -133,15 +146,19 @@ def convert(
             progress.note(line)
         counts = {True: 0, False: 0}
 
+        source = TensorSource(plan, progress.layer)
+
         def on_shard(shard: ShardPlan, kept: bool) -> None:
             counts[kept] += 1
+            if kept:
+                source.skip(shard)
             progress.shard(shard, kept)
 
         with disk_errors(out):
             journal = start_journal(plan, out)
             write_metadata(plan, out)
             crash_point("metadata")
-            write_shards(plan, out, journal, TensorSource(plan, progress.layer), on_shard)
+            write_shards(plan, out, journal, source, on_shard)
         seconds = now() - start
     result = Result(plan, seconds, memory.peak, counts[False], counts[True])
     if not quiet:

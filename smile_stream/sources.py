@@ -240,11 +240,20 @@ class LoraModule:
     scale: float
 
 
+_DORA = "DoRA (use_dora) rescales the merged weight per column, which is not a low-rank delta"
+_EMBEDDING = "LoRA on embeddings changes an embedding table, not a linear layer"
+_SAVED_MODULES = "modules_to_save replaces whole modules instead of adding a low-rank delta"
+# adapter_config.json fields and adapter tensor-name markers of adapters that are not plain low-rank deltas
+_UNSUPPORTED_ADAPTER_FIELDS = {
+    "use_dora": _DORA,
+    "modules_to_save": _SAVED_MODULES,
+    "lora_bias": "LoRA with a trained bias (lora_bias) changes biases, which a LoRA expert cannot carry",
+}
 _UNSUPPORTED_ADAPTER_KEYS = {
-    "lora_magnitude_vector": "DoRA (use_dora) rescales the merged weight per column, which is not a low-rank delta",
-    "lora_embedding_A": "LoRA on embeddings changes an embedding table, not a linear layer",
-    "lora_embedding_B": "LoRA on embeddings changes an embedding table, not a linear layer",
-    "modules_to_save": "modules_to_save replaces whole modules instead of adding a low-rank delta",
+    "lora_magnitude_vector": _DORA,
+    "lora_embedding_A": _EMBEDDING,
+    "lora_embedding_B": _EMBEDDING,
+    "modules_to_save": _SAVED_MODULES,
 }
 
 
@@ -275,12 +284,7 @@ class LoraAdapter:
         cfg, where = self.config, self.folder / ADAPTER_CONFIG
         if cfg.get("peft_type", "LORA") != "LORA":
             raise SmileError(f"{where}: peft_type is {cfg.get('peft_type')!r}; smile-stream converts LoRA adapters only.")
-        refusals = {
-            "use_dora": "DoRA (use_dora) rescales the merged weight per column, which is not a low-rank delta",
-            "modules_to_save": "modules_to_save replaces whole modules instead of adding a low-rank delta",
-            "lora_bias": "LoRA with a trained bias (lora_bias) changes biases, which a LoRA expert cannot carry",
-        }
-        for key, why in refusals.items():
+        for key, why in _UNSUPPORTED_ADAPTER_FIELDS.items():
             if cfg.get(key):
                 raise SmileError(
                     f"{where}: {key} is set. {why}; smile-stream refuses such adapters. Merge it into a full fine-tune and pass that folder as the expert instead."
