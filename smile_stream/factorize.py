@@ -12,7 +12,7 @@ import threading
 
 import torch
 
-from .modeling_smile import low_rank_factors
+from .modeling_smile import low_rank_factors, pack_factors
 from .plan import ModulePlan, Plan
 from .sources import DTYPES, TensorInfo
 
@@ -158,9 +158,10 @@ class Factorizer:
 
     def _assemble(self, module: ModulePlan, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         dtype = DTYPES[module.dtype]
+        down, up = pack_factors([d for d, _ in factors], [u for _, u in factors], self.plan.options.gate_rank)
         tensors = {
-            module.name + ".expert_down": torch.cat([down for down, _ in factors], 0).to("cpu", dtype).contiguous(),
-            module.name + ".expert_up": torch.cat([up.t() for _, up in factors], 0).to("cpu", dtype).contiguous(),
+            module.name + ".expert_down": down.to("cpu", dtype).contiguous(),
+            module.name + ".expert_up": up.to("cpu", dtype).contiguous(),
         }
         if module.expert_bias:
             base_bias = self.plan.base.read(module.bias.name).float()

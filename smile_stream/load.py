@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from .errors import SmileError
-from .modeling_smile import INDEX_FILE, check_complete, smile_model_class
+from .modeling_smile import INDEX_FILE, check_complete, check_format, smile_model_class
 from .plan import summarize_modules
 from .sources import read_safetensors_header
 
@@ -23,6 +23,11 @@ def _smile_config(path: str | os.PathLike):
     config = transformers.AutoConfig.from_pretrained(path)
     if not isinstance(getattr(config, "smile", None), dict):
         raise SmileError(f"{path}/config.json has no 'smile' section; this folder was not made by smile-stream.")
+    try:
+        check_format(config.smile)
+    except ValueError as exc:
+        raise SmileError(f"{path}: {exc}") from None
+
     return config
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import SmileError
-from .modeling_smile import INDEX_FILE
+from .modeling_smile import INDEX_FILE, check_format, unpack_factors
 from .sources import DTYPES, FLOAT_CODES, LoraAdapter, TensorInfo, open_source, read_safetensors_header
 from .write import HASH_CHUNK, JOURNAL, read_journal
 
@@ -32,6 +32,11 @@ def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[li
     smile = config.get("smile")
     if not isinstance(smile, dict):
         return [f"{config_path} has no 'smile' section: this folder was not made by smile-stream"], report
+    try:
+        check_format(smile)
+    except ValueError as exc:
+        return [f"{folder}: {exc}"], report
+
     partial = sorted(p.name for p in folder.glob("*.partial"))
     if partial:
         problems.append(f"half-written files {partial}: the conversion is unfinished (re-run it to resume)")
@@ -175,16 +180,16 @@ def _deep_check(smile: dict, tensors: dict[str, TensorInfo], samples: int, probl
             down = f.get_tensor(down_info.name).double()
         with safe_open(up_info.file, "pt") as f:
             up = f.get_tensor(up_info.name).double()
-        start = 0
-        for expert_name, rank in zip(spec["experts"], spec["ranks"]):
+        factors = unpack_factors(down, up, spec["ranks"], smile["gate_rank"])
+        for expert_name, rank, (expert_down, expert_up) in zip(spec["experts"], spec["ranks"], factors):
             source = experts[expert_name]
             if isinstance(source, LoraAdapter):
                 lora = source.modules[name]
                 delta = lora.scale * source.read(lora.b).double() @ source.read(lora.a).double()
             else:
                 delta = source.read(name + ".weight").double() - base.read(name + ".weight").double()
-            approx = up[start : start + rank].t() @ down[start : start + rank]
-            start += rank
+            approx = expert_up @ expert_down
+
             norm = float(torch.linalg.norm(delta)) or 1.0
             error = float(torch.linalg.norm(delta - approx)) / norm
             tail = torch.linalg.svdvals(delta)[rank:]

@@ -7,6 +7,7 @@ from safetensors import safe_open
 from torch import nn
 
 from smile_stream import SmileLinear
+from smile_stream.modeling_smile import unpack_factors
 
 FILES = sorted(REFERENCE.glob("*.safetensors"))
 
@@ -57,9 +58,8 @@ def test_one_token_at_a_time_matches_reference(path):
 def test_routing_matches_reference(path):
     layer, t = _reference(path)
     x = t["x"].float().reshape(-1, t["x"].shape[-1])
-    g, k = layer.gate_rank, layer.ranks[0]
-    h = torch.nn.functional.linear(x, layer.expert_down).view(x.shape[0], layer.num_experts, k)
-    logits = h[..., :g].norm(dim=-1)
+    factors = unpack_factors(layer.expert_down, layer.expert_up, layer.ranks, layer.gate_rank)
+    logits = torch.stack([(x @ down[: layer.gate_rank].t()).norm(dim=-1) for down, _ in factors], -1)
     if layer.num_experts > 1:  # with one expert the reference skips its gate and reports logits of 1
         torch.testing.assert_close(logits, t["router_logits"].float(), rtol=1e-4, atol=1e-5)
     weights = layer.routing_weights(logits)
@@ -80,7 +80,8 @@ def test_uneven_ranks_and_low_rank_gate():
     layer = SmileLinear.from_linears(base, experts, gate_rank=4, expert_rank=8, top_k=2)
     assert layer.ranks == [8, 8, 8]
     # rows beyond each delta's true rank are exactly zero
-    assert layer.expert_down[2:8].abs().max() == 0
+    (down, _), *_ = unpack_factors(layer.expert_down, layer.expert_up, layer.ranks, layer.gate_rank)
+    assert down[2:8].abs().max() == 0
     x = torch.randn(5, 24)
     y = layer(x)
     expected = []
@@ -126,18 +127,59 @@ def _loop_oracle(layer, base, experts, x):
     return torch.stack(out).reshape(*x.shape[:-1], -1)
 
 
+def _each_path(layer, x):
+    """The layer's output on x through each dispatch path that can take it (name -> output)."""
+    paths = {"forward": lambda t, out: None, "dense": layer._add_dense}
+    if layer.top_k < layer.num_experts:
+        paths["grouped"] = layer._add_grouped
+    if layer._uniform:
+        paths["sparse"] = layer._add_sparse
+    paths["one"] = lambda t, out: [layer._add_one(t[i : i + 1], out[i : i + 1]) for i in range(t.shape[0])]
+    results = {}
+    with torch.no_grad():
+        for name, add in paths.items():
+            if name == "forward":
+                results[name] = layer(x)
+            else:
+                results[name] = torch.nn.functional.linear(x, layer.weight, layer.bias)
+                add(x, results[name])
+    return results
+
+
 @pytest.mark.parametrize("tokens", [1, 2, 40])
 def test_every_dispatch_path_matches_per_token_oracle(tokens):
-    # 1 token: in-place decode path; 2 tokens x top-2 >= 4 experts: grouped; and the dense path
+    # forward picks: 1 token, the in-place decode path; 2 tokens x top-2 >= 4 experts, grouped
     layer, base, experts = _small_layer()
     x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
     expected = _loop_oracle(layer, base, experts, x)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x).double(), expected, rtol=1e-4, atol=5e-5)
+    for name, y in _each_path(layer, x).items():
+        torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=5e-5, msg=lambda m, name=name: f"{name}: {m}")
 
-        out = torch.nn.functional.linear(x, layer.weight, layer.bias)
-        layer._add_dense(x, out)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=5e-5)
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_every_path_with_uneven_ranks_and_bias_deltas(top_k):
+    # Ranks around the gate rank 4: router sections of 2, 4 and 4 rows, no remaining rows for the
+    # first two experts. Oracle: per token, straight from each expert's unpacked factors.
+    g = torch.Generator().manual_seed(top_k)
+    weight, bias = torch.randn(12, 20, generator=g), torch.randn(12, generator=g)
+    downs = [torch.linalg.qr(torch.randn(20, r, generator=g)).Q.t() for r in (2, 4, 9)]
+    ups = [torch.randn(12, r, generator=g) for r in (2, 4, 9)]
+    deltas = [torch.randn(12, generator=g) for _ in range(3)]
+    layer = SmileLinear.from_factors(weight, bias, downs, ups, gate_rank=4, top_k=top_k, bias_deltas=deltas)
+    x = torch.randn(7, 20, generator=g)
+    expected = []
+    for token in x.double():
+        logits = torch.stack([(d[:4].double() @ token).norm() for d in downs])
+        top, idx = torch.softmax(logits, 0).topk(top_k)
+        out = weight.double() @ token + bias.double()
+        for w, i in zip(top / top.sum(), idx):
+            out += w * (ups[i].double() @ (downs[i].double() @ token) + deltas[i].double())
+        expected.append(out)
+    for name, y in _each_path(layer, x).items():
+        torch.testing.assert_close(
+            y.double(), torch.stack(expected), rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    assert layer.expert_down.shape == (15, 20) and layer.expert_up.shape == (15, 12)
 
 
 def test_torch_compile_fullgraph():

@@ -12,6 +12,7 @@ import pytest
 
 import smile_stream
 from smile_stream import Options, SmileError, convert
+from smile_stream.plan import record_hash
 
 
 def cli(*args, env=None):
@@ -192,3 +193,29 @@ def test_read_only_output(models, tmp_path):
         assert run.returncode == 2 and "cannot be written" in run.stderr and "Traceback" not in run.stderr
     finally:
         subprocess.run(["umount", str(mount)])
+
+
+def test_outputs_of_an_older_format(job, tmp_path):
+    # A folder from a version that packed the experts differently: resuming it is refused with
+    # the reason, and the package's loaders refuse it instead of misreading its factors.
+    args, reference = job
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(reference, unfinished)
+    (unfinished / "model.safetensors.index.json").unlink()
+    journal = json.loads((unfinished / "smile-journal.json").read_text())
+    journal["record"]["format_version"] = 1
+    journal["plan_hash"] = record_hash(journal["record"])
+
+    (unfinished / "smile-journal.json").write_text(json.dumps(journal))
+    refused = cli(*args, "--out", unfinished)
+    assert refused.returncode == 2 and "output format version 1 -> 2" in refused.stderr
+
+    finished = tmp_path / "finished"
+    shutil.copytree(reference, finished)
+    config = json.loads((finished / "config.json").read_text())
+    config["smile"]["format_version"] = 1
+    (finished / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SmileError, match="holds SMILE format 1, and this code reads format 2"):
+        smile_stream.load_model(finished)
+    problems, _ = smile_stream.verify(finished)
+    assert len(problems) == 1 and "SMILE format 1" in problems[0]
