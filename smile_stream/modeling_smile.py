@@ -117,9 +117,9 @@ class SmileLinear(nn.Module):
         self.expert_bias = nn.Parameter(torch.empty(len(self.ranks), out_features, **factory)) if expert_bias else None
         self._rows = expert_rows(self.ranks, self.gate_rank)
         self._gate_size = sum(gate.stop - gate.start for gate, _, _ in self._rows)
+        # Same-rank experts (k >= g) allow reshaped views, and with them the gather-based sparse
+        # path that has no host synchronisation.
 
-        # Same-rank experts allow reshaped views instead of per-expert slices, and a sparse
-        # path that gathers only the selected experts' rows.
         self._uniform = len(set(self.ranks)) == 1 and self.ranks[0] >= self.gate_rank
 
     @property
@@ -251,7 +251,6 @@ class SmileLinear(nn.Module):
             if rest_rows.stop > rest_rows.start:
                 h = torch.cat([h, F.linear(tokens, down[rest_rows])], 1)
             out.addmm_(h, up[up_rows], alpha=weight)
-
             if self.expert_bias is not None:
                 out.add_(self.expert_bias[expert], alpha=weight)
 
