@@ -27,7 +27,6 @@ def _smile_config(path: str | os.PathLike):
         check_format(config.smile)
     except ValueError as exc:
         raise SmileError(f"{path}: {exc}") from None
-
     return config
 
 

@@ -129,20 +129,17 @@ def _loop_oracle(layer, base, experts, x):
 
 def _each_path(layer, x):
     """The layer's output on x through each dispatch path that can take it (name -> output)."""
-    paths = {"forward": lambda t, out: None, "dense": layer._add_dense}
+    paths = {"dense": layer._add_dense}
     if layer.top_k < layer.num_experts:
         paths["grouped"] = layer._add_grouped
     if layer._uniform:
         paths["sparse"] = layer._add_sparse
     paths["one"] = lambda t, out: [layer._add_one(t[i : i + 1], out[i : i + 1]) for i in range(t.shape[0])]
-    results = {}
     with torch.no_grad():
+        results = {"forward": layer(x)}
         for name, add in paths.items():
-            if name == "forward":
-                results[name] = layer(x)
-            else:
-                results[name] = torch.nn.functional.linear(x, layer.weight, layer.bias)
-                add(x, results[name])
+            results[name] = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            add(x, results[name])
     return results
 
 
