@@ -9,7 +9,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# The reference implementation's outputs, vendored from ../shared/reference (see its README). Named
+# here, not globbed: a missing file fails its tests instead of leaving an empty parametrisation.
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
+REFERENCE_CASES = ["c1_e3_nobias_top1", "c2_e3_bias_top2", "c3_e4_bias_topall", "c4_e2_fullrank", "c5_e1_single"]
+
+
+def reference_file(case: str) -> Path:
+    path = REFERENCE / f"{case}.safetensors"
+    assert path.is_file(), f"reference vectors missing: {path} (tests/data/reference is part of the repository)"
+    return path
 
 
 @pytest.fixture(scope="session")

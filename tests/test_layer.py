@@ -1,15 +1,14 @@
-"""The SMILE layer against the published reference implementation's outputs (shared/reference)."""
+"""The SMILE layer against the published reference implementation's outputs (tests/data/reference)."""
 
 import pytest
 import torch
-from conftest import REFERENCE
+from conftest import REFERENCE_CASES, reference_file
 from safetensors import safe_open
 from torch import nn
 
 from smile_stream import SmileLinear
 from smile_stream.modeling_smile import unpack_factors
 
-FILES = sorted(REFERENCE.glob("*.safetensors"))
 
 
 def _linear(tensors: dict, prefix: str) -> nn.Linear:
@@ -21,8 +20,8 @@ def _linear(tensors: dict, prefix: str) -> nn.Linear:
     return layer
 
 
-def _reference(path):
-    handle = safe_open(str(path), "pt")
+def _reference(case):
+    handle = safe_open(str(reference_file(case)), "pt")
     meta = handle.metadata()
     tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     experts = [_linear(tensors, f"expert{i}") for i in range(int(meta["num_experts"]))]
@@ -32,31 +31,27 @@ def _reference(path):
     return layer, tensors
 
 
-def test_reference_files_present():
-    assert len(FILES) >= 5, f"expected the reference vectors in {REFERENCE}"
-
-
-@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
-def test_matches_reference_implementation(path):
-    layer, t = _reference(path)
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_matches_reference_implementation(case):
+    layer, t = _reference(case)
     with torch.no_grad():
         y = layer(t["x"].float())
     torch.testing.assert_close(y, t["y"].float(), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
-def test_one_token_at_a_time_matches_reference(path):
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_one_token_at_a_time_matches_reference(case):
     # Single tokens take the sparse (decode) path where it applies; it must compute the same function.
-    layer, t = _reference(path)
+    layer, t = _reference(case)
     x = t["x"].float().reshape(-1, t["x"].shape[-1])
     with torch.no_grad():
         y = torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])
     torch.testing.assert_close(y, t["y"].float().reshape(y.shape), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
-def test_routing_matches_reference(path):
-    layer, t = _reference(path)
+@pytest.mark.parametrize("case", REFERENCE_CASES)
+def test_routing_matches_reference(case):
+    layer, t = _reference(case)
     x = t["x"].float().reshape(-1, t["x"].shape[-1])
     factors = unpack_factors(layer.expert_down, layer.expert_up, layer.ranks, layer.gate_rank)
     logits = torch.stack([(x @ down[: layer.gate_rank].t()).norm(dim=-1) for down, _ in factors], -1)
