@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import signal
 import sys
 import tomllib
 import traceback
@@ -9,22 +11,31 @@ from pathlib import Path
 
 import click
 
+from . import fields
 from .errors import SmileError
 from .plan import Options, parse_size
 
-RECIPE_OPTIONS = {
-    "gate_rank": int,
-    "top_k": int,
-    "expert_rank": int,
-    "dtype": str,
-    "max_shard_size": parse_size,
-    "targets": str,
-    "svd": str,
-    "non_linear": str,
-    "device": str,
-    "trust_remote_code": bool,
-    "allow_pickle": bool,
-}
+
+def _option_kind(annotation: str) -> str:
+    # Options is annotated as "int", "int | None", "str | None", "bool" (strings: postponed annotations)
+    return "|".join(part.strip() for part in annotation.split("|") if part.strip() != "None")
+
+
+# recipe keys: the Options fields, each taking only its own TOML type ("int", "bool", "str")
+RECIPE_OPTIONS = {f.name: _option_kind(f.type) for f in dataclasses.fields(Options)}
+RECIPE_OPTIONS["max_shard_size"] = "int|str"  # 5000000000 or "5GB"
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: handled like Ctrl-C (half-written files removed, resumable)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
 
 
 def _fail(debug: bool, exc: BaseException) -> None:
@@ -34,8 +45,12 @@ def _fail(debug: bool, exc: BaseException) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     if isinstance(exc, KeyboardInterrupt):
-        click.echo("interrupted. Run the same command again to resume from the last finished shard.", err=True)
-        sys.exit(130)
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        click.echo(
+            f"interrupted ({signal.Signals(signum).name}). Run the same command again to resume from the last finished shard.",
+            err=True,
+        )
+        sys.exit(128 + signum)
     click.echo(
         f"internal error: {type(exc).__name__}: {exc}\nRun again with --debug for the traceback, and please report it.", err=True
     )
@@ -54,6 +69,9 @@ def _load_recipe(path: str) -> dict:
     unknown = sorted(set(recipe) - known)
     if unknown:
         raise SmileError(f"recipe {path}: unknown keys {unknown}. Known keys: {sorted(known)}.")
+    for key, value in recipe.items():
+        if key != "experts":
+            fields.check(value, RECIPE_OPTIONS.get(key, "str"), f"recipe {path}: {key}")
     experts = recipe.get("experts", {})
     if not isinstance(experts, dict) or not all(isinstance(v, str) for v in experts.values()):
         raise SmileError(
@@ -120,10 +138,11 @@ def convert(recipe, base, experts, out, dry_run, overwrite, quiet, debug, **flag
             raise SmileError("No output folder: pass --out FOLDER (or set out in the recipe).")
         values = {k: settings[k] for k in RECIPE_OPTIONS if k in settings}
         values.update({k: v for k, v in flags.items() if v is not None})
-        try:
-            options = Options(**{k: RECIPE_OPTIONS[k](v) for k, v in values.items()})
-        except (TypeError, ValueError) as exc:
-            raise SmileError(f"bad option value: {exc}") from None
+        if "max_shard_size" in values:
+            values["max_shard_size"] = parse_size(values["max_shard_size"])
+        options = Options(**values)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _stop)
         run_convert(base, expert_list, out or ".", options, dry_run=dry_run, overwrite=overwrite, quiet=quiet)
     except (SmileError, KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - turned into a clean message
         _fail(debug, exc)

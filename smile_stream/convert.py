@@ -12,9 +12,10 @@ import torch
 
 from .factorize import Factorizer, prefetch
 from .measure import PeakMemory, format_bytes, now
+from .output import crash_point, open_output
 from .plan import Options, Plan, ShardPlan, TensorPlan, describe, make_plan, non_target_notes
-from .sources import DTYPES
-from .write import crash_point, disk_errors, prepare_output, start_journal, write_metadata, write_shards
+from .sources import DTYPES, cast
+from .write import disk_errors, write_metadata, write_shards
 
 
 @dataclass
@@ -48,9 +49,9 @@ class TensorSource:
     def __call__(self, tensor: TensorPlan) -> torch.Tensor:
         dtype = DTYPES[tensor.dtype]
         if tensor.role == "cast":
-            return self.plan.base.read(tensor.name).to(dtype)
+            return cast(self.plan.base.read(tensor.name), dtype, f"{self.plan.base.folder}: tensor {tensor.name!r}")
         if tensor.role == "average":
-            return self.factorizer.average(tensor.name).to(dtype)
+            return cast(self.factorizer.average(tensor.name), dtype, f"the average of the full experts' {tensor.name!r}")
         layer = tensor.layer
         if layer not in self.cache:
             self._read_ahead(layer)
@@ -140,13 +141,10 @@ def convert(
             print(describe(plan))
             return Result(plan, now() - start, memory.peak, 0, 0)
         crash_point("plan")
-        prepare_output(out, plan, overwrite)
         progress = Progress(plan, memory, quiet)
-        for line in non_target_notes(plan):
-            progress.note(line)
+        with disk_errors(out):
+            lock, journal = open_output(out, plan, overwrite, progress.note)
         counts = {True: 0, False: 0}
-
-        source = TensorSource(plan, progress.layer)
 
         def on_shard(shard: ShardPlan, kept: bool) -> None:
             counts[kept] += 1
@@ -154,9 +152,11 @@ def convert(
                 source.skip(shard)
             progress.shard(shard, kept)
 
-        with disk_errors(out):
-            journal = start_journal(plan, out)
-            write_metadata(plan, out)
+        with lock, disk_errors(out):
+            for line in non_target_notes(plan):
+                progress.note(line)
+            source = TensorSource(plan, progress.layer)
+            write_metadata(plan, out, journal)
             crash_point("metadata")
             write_shards(plan, out, journal, source, on_shard)
         seconds = now() - start

@@ -14,7 +14,7 @@ import torch
 
 from .modeling_smile import low_rank_factors, pack_factors
 from .plan import ModulePlan, Plan
-from .sources import DTYPES, TensorInfo
+from .sources import DTYPES, TensorInfo, cast
 
 OVERSAMPLES = 16  # extra range-finder columns: max(OVERSAMPLES, rank // 4)
 POWER_ITERATIONS = 4
@@ -159,9 +159,10 @@ class Factorizer:
     def _assemble(self, module: ModulePlan, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         dtype = DTYPES[module.dtype]
         down, up = pack_factors([d for d, _ in factors], [u for _, u in factors], self.plan.options.gate_rank)
+        what = f"the expert factors of {module.name}"
         tensors = {
-            module.name + ".expert_down": down.to("cpu", dtype).contiguous(),
-            module.name + ".expert_up": up.to("cpu", dtype).contiguous(),
+            module.name + ".expert_down": cast(down.to("cpu"), dtype, what).contiguous(),
+            module.name + ".expert_up": cast(up.to("cpu"), dtype, what).contiguous(),
         }
         if module.expert_bias:
             base_bias = self.plan.base.read(module.bias.name).float()
@@ -173,7 +174,9 @@ class Factorizer:
                     if expert.kind == "full"
                     else torch.zeros_like(base_bias)
                 )
-            tensors[module.name + ".expert_bias"] = torch.stack(rows).to(dtype).contiguous()
+            tensors[module.name + ".expert_bias"] = cast(
+                torch.stack(rows), dtype, f"the bias deltas of {module.name}"
+            ).contiguous()
         return tensors
 
     def average(self, name: str) -> torch.Tensor:

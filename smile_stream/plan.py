@@ -12,15 +12,40 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
+from . import fields
 from .errors import SmileError
 from .modeling_smile import SMILE_FORMAT_VERSION
-from .sources import DTYPE_CODES, FLOAT_CODES, Checkpoint, LoraAdapter, TensorInfo, itemsize, open_source, safetensors_header
+from .sources import (
+    DTYPE_CODES,
+    FLOAT_CODES,
+    Checkpoint,
+    LoraAdapter,
+    TensorInfo,
+    input_path,
+    itemsize,
+    open_source,
+    safetensors_header,
+)
 
 DEFAULT_FULL_EXPERT_RANK = 128
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
+# files of the base copied into the output beside the weights, if present
+COPIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 @dataclass
@@ -109,6 +134,12 @@ class Plan:
 
     # non-target tensor -> {full expert: relative difference ||W_i - W0|| / ||W0||}, where it is not 0
     changed_non_targets: dict[str, dict[str, float]] = field(default_factory=dict)
+    # base tensors left out of the output (not part of the model the config describes), with why
+    dropped: dict[str, str] = field(default_factory=dict)
+    # tensors that only full experts have (name -> why they are not in the output)
+    expert_only: dict[str, str] = field(default_factory=dict)
+    # metadata files of the base copied into the output: output name -> input path
+    copied_files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def total_size(self) -> int:
@@ -141,6 +172,12 @@ def parse_size(text: str | int) -> int:
 
 
 def resolve_device(name: str) -> str:
+    try:
+        kind = torch.device(name).type if name != "auto" else "auto"
+    except (RuntimeError, ValueError):
+        raise SmileError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N.") from None
+    if kind not in ("auto", "cpu", "cuda"):
+        raise SmileError(f"--device {name!r}: smile-stream computes on cpu or cuda; use auto, cpu, cuda or cuda:N.")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -179,23 +216,60 @@ def _check_options(options: Options, experts: list[tuple[str, str]]) -> None:
         raise SmileError("--max-shard-size must be positive.")
 
 
-def discover_linears(base: Checkpoint, trust_remote_code: bool) -> tuple[str, dict[str, tuple[int, int, int]]]:
-    """Build the base architecture with empty weights and list its linear layers.
+@dataclass
+class ModelTensors:
+    """The tensors a model built from a config has: parameters and persistent buffers with their
+    shapes, and the names tied to another tensor (`lm_head.weight` -> `model.embed_tokens.weight`)."""
 
-    Returns the architecture class name and {module name: (in, out, decoder block index or -1)}.
+    shapes: dict[str, tuple[int, ...]]
+    aliases: dict[str, str]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelTensors:
+        model.tie_weights()  # transformers 5 does not tie inside init_empty_weights
+        persistent = model.state_dict(keep_vars=True)
+        canonical: dict[int, str] = {}
+        shapes, aliases = {}, {}
+        for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            if name not in persistent:
+                continue  # a non-persistent buffer (rotary inv_freq in recent transformers): never saved
+            first = canonical.setdefault(id(tensor), name)
+            if first == name:
+                shapes[name] = tuple(tensor.shape)
+            else:
+                aliases[name] = first
+        return cls(shapes, aliases)
+
+    def problems(self, tensors: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str]]:
+        """(missing or misshapen tensors, as messages; names of tensors the model does not have)."""
+        problems = []
+        for name, shape in self.shapes.items():
+            if name not in tensors:
+                problems.append(f"tensor {name} {list(shape)} is missing")
+            elif tensors[name] != shape:
+                problems.append(f"tensor {name} has shape {list(tensors[name])} but the config implies {list(shape)}")
+        extra = sorted(n for n in tensors if n not in self.shapes and n not in self.aliases)
+        return problems, extra
+
+
+def discover_linears(base: Checkpoint, trust_remote_code: bool) -> tuple[str, dict[str, tuple[int, int, int]], ModelTensors]:
+    """Build the base architecture with empty weights and list its linear layers and tensors.
+
+    Returns the architecture class name, {module name: (in, out, decoder block index or -1)} and
+    the tensors the model has.
     """
     import transformers
     from accelerate import init_empty_weights
 
     config_path = base.folder / "config.json"
-    if base.config.get("auto_map") and not trust_remote_code:
+    if fields.get(base.config, "auto_map", "dict|null", config_path, None) and not trust_remote_code:
         raise SmileError(
             f"{config_path} asks for remote code (auto_map). smile-stream does not run code from its inputs by default; "
             "pass --trust-remote-code if you trust this model's authors."
         )
-    architectures = base.config.get("architectures") or []
+    architectures = fields.get(base.config, "architectures", "list|null", config_path, None) or []
     arch = architectures[0] if architectures else None
-    if not isinstance(getattr(transformers, arch or "", None), type):
+    if not isinstance(arch, str) or not isinstance(getattr(transformers, arch, None), type):
         raise SmileError(
             f"{config_path}: architectures is {architectures!r}; smile-stream needs a transformers model class there "
             "(for example LlamaForCausalLM) to build the converted model."
@@ -221,7 +295,20 @@ def discover_linears(base: Checkpoint, trust_remote_code: bool) -> tuple[str, di
             linears[name] = (module.in_features, module.out_features, block)
         elif type(module).__name__ == "Conv1D":
             linears[name] = (None, None, block)  # GPT-2-style transposed linear: refused as a target
-    return arch, linears
+    return arch, linears, ModelTensors.of(model)
+
+
+def _check_base_tensors(base: Checkpoint, model: ModelTensors) -> dict[str, str]:
+    """Refuse a base whose tensors disagree with its config (the output would fail `verify`);
+    the tensors the model does not have (old buffers such as rotary inv_freq) are dropped: {name: why}."""
+    problems, extra = model.problems({n: t.shape for n, t in base.tensors.items()})
+    if problems:
+        raise SmileError(
+            f"{base.folder}: the weights do not match the model config.json describes: {'; '.join(problems[:3])}"
+            f"{f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''}. Fix the config (vocab_size, sizes) "
+            "or the checkpoint; a converted folder would not load."
+        )
+    return {name: "not a parameter or saved buffer of the model its config describes" for name in extra}
 
 
 def _layer_of(name: str, blocks: dict[str, int]) -> int:
@@ -265,6 +352,12 @@ def _select_targets(base: Checkpoint, linears: dict, pattern: str | None) -> dic
             raise SmileError(
                 f"{info.file}: tensor {info.name!r} has shape {list(info.shape)}, but the config implies {[fan_out, fan_in]}. The config and the weights disagree."
             )
+        if info.dtype not in FLOAT_CODES:
+            raise SmileError(
+                f"{info.file}: target tensor {info.name!r} is {info.dtype}, not floating point (a quantized or damaged "
+                "checkpoint?). smile-stream upscales float weights (F32, F16, BF16, F64) only: dequantize the base, or "
+                "leave this module out with --targets."
+            )
     return chosen
 
 
@@ -286,7 +379,7 @@ def _lora_touches(adapter: LoraAdapter, name: str, linears: dict, targets: dict)
                 f"{where}: expert {name!r}, module {module!r}: lora_A/lora_B map {lora.a.shape[1]} -> {lora.b.shape[0]} "
                 f"features, but the base layer maps {fan_in} -> {fan_out}. The adapter was trained on a different base."
             )
-        touched[module] = lora.rank
+        touched[module] = min(lora.rank, fan_in, fan_out)  # a delta of an (out, in) layer has rank <= min(in, out)
     return touched
 
 
@@ -379,7 +472,8 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
             f"--base {base_ref} is a LoRA adapter; the base must be a full model folder (config.json + *.safetensors)."
         )
     experts = [Expert(name, open_source(ref, options.allow_pickle)) for name, ref in expert_refs]
-    arch, linears = discover_linears(base, options.trust_remote_code)
+    arch, linears, model_tensors = discover_linears(base, options.trust_remote_code)
+    dropped = _check_base_tensors(base, model_tensors)
     targets = _select_targets(base, linears, options.targets)
 
     touched: dict[str, dict[int, int]] = {}  # module -> {expert index: max rank}
@@ -415,12 +509,27 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
             name, layer, fan_in, fan_out, weight, base.tensors.get(name + ".bias"), order, ranks, name in bias_modules, dtype
         )
 
-    changed = _changed_non_targets(base, experts, targets)
-    tensors = _output_tensors(base, modules, options, linears, changed)
+    changed, expert_only = _changed_non_targets(base, experts, targets, model_tensors)
+    tensors = _output_tensors(base, modules, options, linears, changed, dropped)
     shards = layout(tensors, options.max_shard_size)
     config = _output_config(base, arch, experts, modules, options)
     record = _plan_record(base, experts, options, device)
-    return Plan(base, experts, options, device, modules, shards, config, record_hash(record), record, changed)
+    copied = {name: path for name in COPIED_FILES if (path := input_path(base.folder, name)).is_file()}
+    return Plan(
+        base,
+        experts,
+        options,
+        device,
+        modules,
+        shards,
+        config,
+        record_hash(record),
+        record,
+        changed,
+        dropped,
+        expert_only,
+        copied,
+    )
 
 
 def _check_same_architecture(base: Checkpoint, expert: Expert) -> None:
@@ -456,21 +565,39 @@ def _expert_rank(expert: Expert, module: str, natural: int, options: Options) ->
     return min(natural, options.expert_rank or DEFAULT_FULL_EXPERT_RANK)
 
 
-def _changed_non_targets(base: Checkpoint, experts: list[Expert], targets: dict) -> dict[str, dict[str, float]]:
+def _changed_non_targets(
+    base: Checkpoint, experts: list[Expert], targets: dict, model: ModelTensors
+) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Non-target tensors that full experts changed ({tensor: {expert: relative difference}}), and
+    tensors only experts have, which the output cannot hold ({tensor: why})."""
     target_tensors = {m + s for m in targets for s in (".weight", ".bias")}
     changed: dict[str, dict[str, float]] = {}
+    expert_only: dict[str, str] = {}
     for expert in experts:
         if expert.kind != "full":
             continue
+        source = expert.source
         for name, info in base.tensors.items():
-            if name not in target_tensors and _bytes_differ(info, expert.source.tensors[name]):
-                changed.setdefault(name, {})[expert.name] = _relative_difference(base, expert.source, name)
-    return changed
+            if name not in target_tensors and _bytes_differ(info, source.tensors[name]):
+                changed.setdefault(name, {})[expert.name] = _relative_difference(base.read(name), source.read(name))
+        for name in sorted(set(source.tensors) - set(base.tensors)):
+            tied_to = model.aliases.get(name)
+            if tied_to in base.tensors:  # e.g. lm_head of an expert fine-tuned with untied embeddings
+                difference = _relative_difference(base.read(tied_to), source.read(name))
+                if difference:
+                    changed.setdefault(name, {})[expert.name] = difference
+                expert_only[name] = (
+                    f"the base ties it to {tied_to}, so the output keeps that tie and cannot hold an expert's own {name} "
+                    "(with --non-linear average too)"
+                )
+            else:
+                expert_only.setdefault(name, "the base has no such tensor")
+                changed.setdefault(name, {})[expert.name] = float("inf")
+    return changed, expert_only
 
 
-def _relative_difference(base: Checkpoint, expert: Checkpoint, name: str, rows: int = 4096) -> float:
+def _relative_difference(w0: torch.Tensor, w1: torch.Tensor, rows: int = 4096) -> float:
     # Row blocks keep float32 copies of a large embedding table small.
-    w0, w1 = base.read(name), expert.read(name)
     w1 = w1[: w0.shape[0]] if w0.dim() else w1  # an expert with added tokens: compare the base's rows
     if w0.dim() == 0:
         w0, w1 = w0.view(1), w1.view(1)
@@ -483,7 +610,7 @@ def _relative_difference(base: Checkpoint, expert: Checkpoint, name: str, rows: 
 
 
 def _output_tensors(
-    base: Checkpoint, modules: dict[str, ModulePlan], options: Options, linears: dict, changed: dict
+    base: Checkpoint, modules: dict[str, ModulePlan], options: Options, linears: dict, changed: dict, dropped: dict
 ) -> list[TensorPlan]:
     blocks = {}
     for name, (_, _, layer) in linears.items():
@@ -491,7 +618,7 @@ def _output_tensors(
             blocks[name.rsplit(".", 2)[0]] = layer
     # The base's own file order: inputs are read front to back, and each layer's modules are
     # contiguous in every common layout, so the factorizer holds about one layer at a time.
-    ordered = sorted(base.tensors.values(), key=lambda t: (t.file, t.offset))
+    ordered = sorted((t for t in base.tensors.values() if t.name not in dropped), key=lambda t: (t.file, t.offset))
 
     out = []
     for info in ordered:
@@ -625,16 +752,21 @@ def summarize_modules(smile: dict) -> list[str]:
 
 
 def non_target_notes(plan: Plan) -> list[str]:
-    """One line per non-target tensor that some full expert changed, with the relative difference."""
+    """One line per non-target tensor that some full expert changed, with the relative difference,
+    per tensor only experts have, and per base tensor left out of the output."""
     how = (
         "averaged over the full experts"
         if plan.options.non_linear == "average"
         else "taken from the base (--non-linear average to average)"
     )
-    lines = [
-        f"note     {tensor} differs in " + ", ".join(f"{e} ({d:.2%})" for e, d in diffs.items()) + f": {how}"
-        for tensor, diffs in sorted(plan.changed_non_targets.items())
-    ]
+    lines = []
+    for tensor, diffs in sorted(plan.changed_non_targets.items()):
+        where = ", ".join(f"{e} ({d:.2%})" if math.isfinite(d) else e for e, d in diffs.items())
+        fate = f"dropped: {plan.expert_only[tensor]}" if tensor in plan.expert_only else how
+        verb = "differs in" if any(map(math.isfinite, diffs.values())) else "is only in"
+        lines.append(f"note     {tensor} {verb} {where}: {fate}")
+    for tensor, why in sorted(plan.dropped.items()):
+        lines.append(f"note     base tensor {tensor} is left out of the output: {why}")
     base_vocab = plan.base.config.get("vocab_size")
     for e in plan.experts:
         vocab = e.source.config.get("vocab_size") if e.kind == "full" else None

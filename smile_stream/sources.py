@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import fields
 from .errors import SmileError
 
 DTYPES = {
@@ -67,7 +68,11 @@ class SafetensorsFile:
 
 
 def read_safetensors_header(path: str | Path) -> SafetensorsFile:
-    """Parse and validate a safetensors header without touching the tensor data."""
+    """Parse and validate a safetensors header without touching the tensor data.
+
+    As strict as the safetensors library: integer offsets and shapes, string metadata, no
+    duplicate names, and tensors that tile the data section exactly (no overlaps, no holes).
+    """
     path = str(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -80,7 +85,7 @@ def read_safetensors_header(path: str | Path) -> SafetensorsFile:
             )
         raw = f.read(length)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as exc:
@@ -88,25 +93,66 @@ def read_safetensors_header(path: str | Path) -> SafetensorsFile:
             f"{path} is not a valid safetensors file: its header is not valid JSON ({exc}). "
             "The file is corrupted; download or save it again."
         ) from None
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SmileError(
+            f"{path}: the header's __metadata__ must map names to strings, but it is {metadata!r}. The file is corrupted "
+            "or was written by a broken tool; save it again with safetensors."
+        )
     data_start, data_size = 8 + length, size - 8 - length
     tensors = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         tensors[name] = _tensor_info(path, name, entry, data_start, data_size)
+    end = 0
+    for info in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+        if info.offset - data_start != end:
+            raise SmileError(
+                f"{path}: tensor {info.name!r} starts at data offset {info.offset - data_start}, but the tensors before it "
+                f"end at {end}: tensors overlap or leave a hole. The file is corrupted; download or save it again."
+            )
+        end += info.nbytes
+    if end != data_size:
+        raise SmileError(
+            f"{path}: the tensors end at data offset {end} but the data section is {data_size} bytes. The file is truncated "
+            "or corrupted; download or save it again."
+        )
     return SafetensorsFile(path, size, hashlib.sha256(raw).hexdigest(), tensors)
 
 
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) != len(keys) else []
+    if dupes:
+        raise ValueError(f"the name {dupes[0]!r} appears more than once")
+    return dict(pairs)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _tensor_info(path: str, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
-    try:
-        code, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        begin, end = int(begin), int(end)
-    except (TypeError, KeyError, ValueError):
-        raise SmileError(f"{path}: tensor {name!r} has a malformed header entry {entry!r}; the file is corrupted.") from None
+    fields = entry if isinstance(entry, dict) else {}
+    code, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
+    if not (
+        isinstance(code, str)
+        and isinstance(shape, list)
+        and all(map(_is_count, shape))
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(map(_is_count, offsets))
+    ):
+        raise SmileError(
+            f"{path}: tensor {name!r} has a malformed header entry {entry!r} (dtype must be a string, shape and "
+            "data_offsets non-negative integers); the file is corrupted."
+        )
     if code not in DTYPES:
         raise SmileError(f"{path}: tensor {name!r} has dtype {code!r}, which smile-stream does not handle.")
+    shape, (begin, end) = tuple(shape), offsets
     expected = math.prod(shape) * itemsize(code)
-    if not 0 <= begin <= end <= data_size or end - begin != expected:
+    if not begin <= end <= data_size or end - begin != expected:
         raise SmileError(
             f"{path}: tensor {name!r} ({code}, shape {list(shape)}) has data offsets [{begin}, {end}] that do not "
             f"fit its size ({expected} bytes) or the file's data section ({data_size} bytes). The file is truncated "
@@ -130,6 +176,18 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """`tensor` in `dtype`, refusing values that overflow it (finite before the cast, Inf after)."""
+    result = tensor.to(dtype)
+    if result.is_floating_point() and not is_finite(result) and is_finite(tensor):
+        peak = float(tensor.abs().max())
+        raise SmileError(
+            f"{what} has values up to {peak:.4g}, which do not fit {str(dtype).removeprefix('torch.')} (largest "
+            f"{torch.finfo(dtype).max:.4g}). Choose a wider output dtype: --dtype bfloat16 or float32."
+        )
+    return result
+
+
 def nonfinite_error(info: TensorInfo) -> SmileError:
     return SmileError(
         f"{info.file}: tensor {info.name!r} holds NaN or Inf values, which would reach the converted model. "
@@ -141,26 +199,38 @@ def _load_json(path: Path, what: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise SmileError(f"{path}: the {what} is not valid JSON ({exc}). Fix or re-download it.") from None
     if not isinstance(data, dict):
         raise SmileError(f"{path}: the {what} is not a JSON object. Fix or re-download it.")
     return data
 
 
-def _inside(folder: Path, name: str, what: str) -> Path:
-    """Resolve a file name from an index inside `folder`, refusing anything that points out of it."""
+def input_path(folder: Path, name: str, what: str = "file") -> Path:
+    """`folder / name`, refused unless it resolves inside `folder`, symlinks followed at every depth.
+
+    Every file smile-stream reads from an input folder goes through here: weights, configs, and
+    the tokenizer and other files it copies into the output (which users then upload). A hub cache
+    snapshot's links into its own `blobs/` are allowed. A name that does not exist is returned as
+    is (callers check `is_file()`).
+    """
     if os.path.isabs(name) or ".." in Path(name).parts:
         raise SmileError(
-            f"{folder / INDEX_FILE} names {what} {name!r}, which points outside the model folder. "
-            "Refusing to read it; fix the index so that it names files inside the folder."
+            f"{folder}: {what} {name!r} points outside the model folder. Refusing to read it; fix the file that names "
+            "it so that it names files inside the folder."
         )
     path = folder / name
+    if not os.path.lexists(path):
+        return path
     real, root = path.resolve(), folder.resolve()
-    hub_blobs = root.parent.parent / "blobs"  # a hub cache snapshot links into its own blobs/
-    if path.is_symlink() and not (real.is_relative_to(root) or real.is_relative_to(hub_blobs)):
-        raise SmileError(f"{path} is a symlink leading out of the model folder (to {real}). Refusing to read it.")
-    return path
+    hub_blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    if real.is_relative_to(root) or (hub_blobs is not None and real.is_relative_to(hub_blobs)):
+        return path
+    raise SmileError(
+        f"{path} is a symlink (or lies under one) leading out of the input folder {folder}, to {real}. smile-stream reads "
+        "only files inside its input folders, so that nothing from elsewhere reaches the output; copy the file into the "
+        "folder instead of linking it."
+    )
 
 
 class Checkpoint:
@@ -168,7 +238,7 @@ class Checkpoint:
 
     def __init__(self, folder: Path, source: str, allow_pickle: bool = False):
         self.folder, self.source, self.allow_pickle = folder, source, allow_pickle
-        config_path = folder / "config.json"
+        config_path = input_path(folder, "config.json")
         if not config_path.is_file():
             raise SmileError(
                 f"{folder} has neither config.json (a model) nor adapter_config.json (a LoRA adapter). Point to the "
@@ -176,6 +246,7 @@ class Checkpoint:
             )
 
         self.config = _load_json(config_path, "model config")
+        self.read_paths = [config_path]  # every input file this run depends on, for resume to notice changes
         self.files = [read_safetensors_header(p) for p in self._weight_files()]
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
@@ -183,23 +254,33 @@ class Checkpoint:
         self._handles: dict[str, object] = {}
 
     def _weight_files(self) -> list[Path]:
-        index = self.folder / INDEX_FILE
+        index = input_path(self.folder, INDEX_FILE)
         if index.is_file():
             weight_map = _load_json(index, "weights index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise SmileError(f"{index} has no weight_map; the index is corrupted. Re-download or re-save the model.")
-            files = [_inside(self.folder, name, "the shard") for name in sorted(set(weight_map.values()))]
+            if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+                raise SmileError(
+                    f"{index}: weight_map must be a non-empty object of tensor name -> shard file name; the index is "
+                    "corrupted. Re-download or re-save the model."
+                )
+            files = [input_path(self.folder, name, "the shard") for name in sorted(set(weight_map.values()))]
             missing = [p.name for p in files if not p.is_file()]
             if missing:
                 raise SmileError(f"{index} names shards that are not in the folder: {missing}. Download the missing files.")
+            self.read_paths += [index, *files]
             return files
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = [input_path(self.folder, p.name) for p in sorted(self.folder.glob("*.safetensors"))]
         if files:
+            self.read_paths += files
             return files
         # weights only: training_args.bin, optimizer.pt and rng_state.pth are pickles too, but not weights
-        pickles = sorted(p for p in self.folder.iterdir() if re.fullmatch(r"(pytorch_)?model.*\.(bin|pt|pth)", p.name))
+        pickles = sorted(
+            input_path(self.folder, p.name)
+            for p in self.folder.iterdir()
+            if re.fullmatch(r"(pytorch_)?model.*\.(bin|pt|pth)", p.name)
+        )
         if pickles:
             if self.allow_pickle:
+                self.read_paths += pickles
                 return [unpickled(p) for p in pickles]
             raise SmileError(
                 f"{self.folder} holds only pickle weights ({', '.join(p.name for p in pickles)}). smile-stream reads "
@@ -249,6 +330,20 @@ _UNSUPPORTED_ADAPTER_FIELDS = {
     "modules_to_save": _SAVED_MODULES,
     "lora_bias": "LoRA with a trained bias (lora_bias) changes biases, which a LoRA expert cannot carry",
 }
+# adapter_config.json fields read here, with the JSON types peft writes them with
+_TYPED_ADAPTER_FIELDS = {
+    "r": "int",
+    "lora_alpha": "number",
+    "use_rslora": "bool",
+    "use_dora": "bool",
+    "lora_bias": "bool",
+    "fan_in_fan_out": "bool",
+    "init_lora_weights": "bool|str",
+    "modules_to_save": "list|null",
+    "loftq_config": "dict|null",
+    "rank_pattern": "dict|null",
+    "alpha_pattern": "dict|null",
+}
 _UNSUPPORTED_ADAPTER_KEYS = {
     "lora_magnitude_vector": _DORA,
     "lora_embedding_A": _EMBEDDING,
@@ -262,9 +357,11 @@ class LoraAdapter:
 
     def __init__(self, folder: Path, source: str, allow_pickle: bool = False):
         self.folder, self.source = folder, source
-        self.config = _load_json(folder / ADAPTER_CONFIG, "adapter config")
-        weights = folder / ADAPTER_WEIGHTS
-        pickled = folder / "adapter_model.bin"
+        config_path = input_path(folder, ADAPTER_CONFIG)
+        self.config = _load_json(config_path, "adapter config")
+        weights = input_path(folder, ADAPTER_WEIGHTS)
+        pickled = input_path(folder, "adapter_model.bin")
+        self.read_paths = [config_path, weights if weights.is_file() else pickled]
         if not weights.is_file() and pickled.is_file() and allow_pickle:
             weights = unpickled(pickled)
         elif not weights.is_file():
@@ -282,8 +379,11 @@ class LoraAdapter:
 
     def _check_config(self) -> None:
         cfg, where = self.config, self.folder / ADAPTER_CONFIG
-        if cfg.get("peft_type", "LORA") != "LORA":
-            raise SmileError(f"{where}: peft_type is {cfg.get('peft_type')!r}; smile-stream converts LoRA adapters only.")
+        peft_type = fields.get(cfg, "peft_type", "str", where, "LORA")
+        if peft_type != "LORA":
+            raise SmileError(f"{where}: peft_type is {peft_type!r}; smile-stream converts LoRA adapters only.")
+        for key, kinds in _TYPED_ADAPTER_FIELDS.items():
+            fields.get(cfg, key, kinds, where, None)
         for key, why in _UNSUPPORTED_ADAPTER_FIELDS.items():
             if cfg.get(key):
                 raise SmileError(
@@ -300,6 +400,10 @@ class LoraAdapter:
             raise SmileError(
                 f"{where}: loftq_config is set; LoftQ adapters change the base weights. Merge the adapter and pass the full model instead."
             )
+        for key, kinds in (("rank_pattern", "int"), ("alpha_pattern", "number")):
+            for pattern, value in (cfg.get(key) or {}).items():
+                fields.safe_regex(pattern, f"{where}: {key} key")
+                fields.check(value, kinds, f"{where}: {key}[{pattern!r}]")
 
     def _modules(self) -> dict[str, LoraModule]:
         where = self.folder / ADAPTER_WEIGHTS
@@ -328,14 +432,23 @@ class LoraAdapter:
                     f"{where}: module {module!r} has lora_A of shape {list(a.shape)} and lora_B of shape {list(b.shape)}; their ranks disagree. The adapter is corrupted."
                 )
             rank = a.shape[0]
-            config_rank = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank)))
+            if rank == 0 or 0 in a.shape or 0 in b.shape:
+                raise SmileError(
+                    f"{where}: module {module!r} has an empty lora_A or lora_B (shape {list(a.shape)}, {list(b.shape)}); the adapter is corrupted."
+                )
+            if a.dtype not in FLOAT_CODES or b.dtype not in FLOAT_CODES:
+                raise SmileError(
+                    f"{where}: module {module!r} has lora_A/lora_B of dtype {a.dtype}/{b.dtype}; LoRA factors must be floating "
+                    "point (F32, F16, BF16 or F64). Quantized adapters are not supported: save it in float."
+                )
+            config_rank = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank))
             if config_rank != rank:
                 raise SmileError(
                     f"{where}: module {module!r} has rank {rank} in its lora_A/lora_B tensors but {config_rank} in "
                     f"{ADAPTER_CONFIG} (r / rank_pattern). The scale alpha/r would be wrong; fix the config."
                 )
             alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", rank)))
-            scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+            scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") is True else alpha / rank
             modules[module] = LoraModule(a, b, rank, scale)
         if not modules:
             raise SmileError(f"{where} holds no lora_A/lora_B tensors; the adapter is empty.")
@@ -440,6 +553,12 @@ def unpickled(path: Path) -> Path:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SmileError(f"{path} does not hold a flat dict of tensors (a state dict); smile-stream cannot read it.")
+    odd = next((n for n, v in state.items() if v.dtype not in DTYPE_CODES), None)
+    if odd is not None:
+        raise SmileError(
+            f"{path}: tensor {odd!r} has dtype {state[odd].dtype}, which safetensors models do not use here (floats, "
+            "integers, bool and float8 are). Save the checkpoint without it."
+        )
     cache.mkdir(parents=True, exist_ok=True)
     names = sorted(state)
     header = safetensors_header([(n, DTYPE_CODES[state[n].dtype], tuple(state[n].shape)) for n in names])

@@ -8,27 +8,32 @@ against the SMILE model built with empty weights); shard checksums match the jou
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from . import fields
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE, check_format, unpack_factors
-from .sources import DTYPES, FLOAT_CODES, LoraAdapter, TensorInfo, open_source, read_safetensors_header
-from .write import HASH_CHUNK, JOURNAL, read_journal
+from .output import JOURNAL, REMOTE_CODE, file_sha256, read_journal
+from .plan import ModelTensors
+from .sources import DTYPES, FLOAT_CODES, LoraAdapter, TensorInfo, input_path, open_source, read_safetensors_header
 
 
 def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[list[str], list[str]]:
-    """Returns (problems, report lines). No problems means the folder is complete and consistent."""
+    """Returns (problems, report lines). No problems means the folder is complete and consistent.
+
+    A file that cannot be read at all (config.json, the index or a shard that is not valid JSON or
+    safetensors, or whose fields have the wrong types) raises a SmileError naming it instead.
+    """
     folder = Path(folder)
     problems: list[str] = []
     report: list[str] = []
     config_path = folder / "config.json"
     if not config_path.is_file():
         return [f"{config_path} is missing: this is not a converted model folder"], report
-    config = json.loads(config_path.read_text())
+    config = _read_json(config_path, "model config")
     smile = config.get("smile")
     if not isinstance(smile, dict):
         return [f"{config_path} has no 'smile' section: this folder was not made by smile-stream"], report
@@ -36,6 +41,7 @@ def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[li
         check_format(smile)
     except ValueError as exc:
         return [f"{folder}: {exc}"], report
+    _check_smile_section(smile, config_path)
 
     partial = sorted(p.name for p in folder.glob("*.partial"))
     if partial:
@@ -43,38 +49,59 @@ def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[li
     if not (folder / INDEX_FILE).is_file():
         problems.append(f"{INDEX_FILE} is missing: the conversion is unfinished (re-run it to resume)")
         return problems, report
-    index = json.loads((folder / INDEX_FILE).read_text())
+    index = _read_json(folder / INDEX_FILE, "weights index")
+    weight_map = fields.get(index, "weight_map", "dict", folder / INDEX_FILE)
+    for name, shard in weight_map.items():
+        fields.check(shard, "str", f"{folder / INDEX_FILE}: weight_map[{name!r}]")
+    fields.get(index, "metadata", "dict", folder / INDEX_FILE, {})
     tensors = _check_shards(folder, index, problems)
     _check_against_model(folder, tensors, problems)
     _check_smile_tensors(smile, tensors, problems)
     _check_journal(folder, index, problems, report)
     if deep and not problems:
         report += _deep_check(smile, tensors, samples, problems)
-    report.insert(
-        0,
-        f"{len(tensors)} tensors in {len(set(index.get('weight_map', {}).values()))} shard(s), {len(smile['modules'])} SMILE modules",
-    )
+    report.insert(0, f"{len(tensors)} tensors in {len(set(weight_map.values()))} shard(s), {len(smile['modules'])} SMILE modules")
     return problems, report
 
 
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SmileError(f"{path}: the {what} is not valid JSON ({exc}); the folder is damaged.") from None
+    return fields.check(data, "dict", f"{path}: the {what}")
+
+
+def _check_smile_section(smile: dict, where: Path) -> None:
+    """The fields of config.json's `smile` section, each of its own type (else a SmileError)."""
+    for key, kinds in (("gate_rank", "int"), ("top_k", "int"), ("experts", "list"), ("modules", "dict"), ("base", "str")):
+        fields.get(smile, key, kinds, f"{where}: smile")
+    for i, expert in enumerate(smile["experts"]):
+        at = f"{where}: smile.experts[{i}]"
+        fields.check(expert, "dict", at)
+        for key in ("name", "kind", "source"):
+            fields.get(expert, key, "str", at)
+    for name, spec in smile["modules"].items():
+        at = f"{where}: smile.modules[{name!r}]"
+        fields.check(spec, "dict", at)
+        for key in ("experts", "ranks"):
+            fields.get(spec, key, "list", at)
+        for value in spec["experts"]:
+            fields.check(value, "str", f"{at}.experts")
+        for value in spec["ranks"]:
+            fields.check(value, "int", f"{at}.ranks")
+        fields.get(spec, "expert_bias", "bool", at, False)
+
+
 def _check_shards(folder: Path, index: dict, problems: list[str]) -> dict[str, TensorInfo]:
-    weight_map = index.get("weight_map", {})
+    weight_map = index["weight_map"]
     found: dict[str, TensorInfo] = {}
     for shard in sorted(set(weight_map.values())):
-        path = folder / shard
+        path = input_path(folder, shard, "the shard")
         if not path.is_file():
             problems.append(f"shard {shard} named by the index is missing")
             continue
-        try:
-            header = read_safetensors_header(path)
-        except SmileError as exc:
-            problems.append(str(exc))
-            continue
-        covered = sum(t.nbytes for t in header.tensors.values())
-        if header.tensors and max(t.offset + t.nbytes for t in header.tensors.values()) != header.size:
-            problems.append(f"{shard}: the file is {header.size} bytes but its tensors end elsewhere (truncated or padded)")
-        elif covered != header.size - min(t.offset for t in header.tensors.values()):
-            problems.append(f"{shard}: tensors overlap or leave holes in the data section")
+        header = read_safetensors_header(path)  # a shard that is not valid safetensors: SmileError
         for name, info in header.tensors.items():
             if name in found:
                 problems.append(f"tensor {name} is in both {Path(found[name].file).name} and {shard}")
@@ -93,7 +120,8 @@ def _check_shards(folder: Path, index: dict, problems: list[str]) -> dict[str, T
 
 
 def _check_against_model(folder: Path, tensors: dict[str, TensorInfo], problems: list[str]) -> None:
-    # The model the config describes, built with empty weights, says which tensors must exist and their shapes.
+    # The model the config describes, built with empty weights, says which tensors must exist and
+    # their shapes: the same rules convert applies to its base (ModelTensors).
     from accelerate import init_empty_weights
 
     from .load import model_class
@@ -105,16 +133,9 @@ def _check_against_model(folder: Path, tensors: dict[str, TensorInfo], problems:
     except Exception as exc:  # noqa: BLE001 - any failure is a config problem worth reporting
         problems.append(f"config.json does not build a model ({type(exc).__name__}: {exc})")
         return
-    expected = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if n in model.state_dict()}}
-    for name, param in expected.items():
-        info = tensors.get(name)
-        if info is None:
-            problems.append(f"tensor {name} {list(param.shape)} is missing from the shards")
-        elif info.shape != tuple(param.shape):
-            problems.append(f"tensor {name} has shape {list(info.shape)} but the config implies {list(param.shape)}")
-    tied = set(model.state_dict()) - set(expected)
-    for name in sorted(set(tensors) - set(expected) - tied):
-        problems.append(f"tensor {name} in the shards is not a parameter of the model the config describes")
+    missing, extra = ModelTensors.of(model).problems({n: t.shape for n, t in tensors.items()})
+    problems += [f"{problem} from the shards" if problem.endswith("missing") else problem for problem in missing]
+    problems += [f"tensor {name} in the shards is not a parameter of the model the config describes" for name in extra]
 
 
 def _check_smile_tensors(smile: dict, tensors: dict[str, TensorInfo], problems: list[str]) -> None:
@@ -137,27 +158,37 @@ def _finite(info: TensorInfo) -> bool:
 
 
 def _check_journal(folder: Path, index: dict, problems: list[str], report: list[str]) -> None:
-    journal = read_journal(folder)
+    journal = read_journal(folder)  # a journal of the wrong shape: SmileError naming the field
     if journal is None:
-        problems.append(f"{JOURNAL} is missing or unreadable: shard checksums cannot be checked")
+        problems.append(f"{JOURNAL} is missing: shard checksums cannot be checked")
         return
-    if journal.get("plan_hash") != index.get("metadata", {}).get("smile_plan_hash"):
+    if journal["plan_hash"] != index.get("metadata", {}).get("smile_plan_hash"):
         problems.append(
-            f"{JOURNAL} is for plan {str(journal.get('plan_hash'))[:12]} but the index for {str(index.get('metadata', {}).get('smile_plan_hash'))[:12]}"
+            f"{JOURNAL} is for plan {journal['plan_hash'][:12]} but the index for {str(index.get('metadata', {}).get('smile_plan_hash'))[:12]}"
         )
-    for shard in sorted(set(index.get("weight_map", {}).values())):
+    for shard in sorted(set(index["weight_map"].values())):
         entry = journal["shards"].get(shard)
         path = folder / shard
         if entry is None:
             problems.append(f"{JOURNAL} has no checksum for {shard}")
-        elif path.is_file():
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(HASH_CHUNK):
-                    digest.update(chunk)
-            if digest.hexdigest() != entry.get("sha256"):
-                problems.append(f"{shard}: sha256 does not match the journal (the file changed or is corrupted)")
-    report.append(f"checksums of {len(journal['shards'])} shard(s) checked against {JOURNAL}")
+        elif path.is_file() and file_sha256(path) != entry["sha256"]:
+            problems.append(f"{shard}: sha256 does not match the journal (the file changed or is corrupted)")
+    metadata = journal.get("metadata", {})
+    for name in ("config.json", REMOTE_CODE):
+        if name not in metadata:
+            problems.append(
+                f"{JOURNAL} has no digest of {name} (an older smile-stream wrote it): run the same convert command again "
+                "to record it"
+            )
+    for name, digest in sorted(metadata.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing (the conversion wrote it)")
+        elif file_sha256(path) != digest:
+            problems.append(f"{name} differs from what the conversion wrote (edited or tampered with)")
+    report.append(
+        f"checksums of {len(journal['shards'])} shard(s) and {len(metadata)} metadata file(s) checked against {JOURNAL}"
+    )
 
 
 def _deep_check(smile: dict, tensors: dict[str, TensorInfo], samples: int, problems: list[str]) -> list[str]:

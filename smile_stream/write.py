@@ -14,8 +14,6 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
-import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -28,58 +26,24 @@ import torch
 from . import modeling_smile
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE
-from .plan import Plan, ShardPlan, TensorPlan, explain_changes, plan_command
+from .output import HASH_CHUNK, MODEL_CARD, REMOTE_CODE, atomic_write, crash_point, save_journal
+from .plan import Plan, ShardPlan, TensorPlan, plan_command
 from .sources import DTYPES, FLOAT_CODES, TensorInfo, is_finite, nonfinite_error
 
-JOURNAL = "smile-journal.json"
-REMOTE_CODE = "modeling_smile.py"
-COPIED_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-HASH_CHUNK = 1 << 24
 
-
-def atomic_write(path: Path, data: bytes, crash: str | None = None) -> None:
-    """Write a small file so that it is either absent, or complete: temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if crash:
-        crash_point(crash)
-    os.replace(tmp, path)
-
-
-def read_journal(out: Path) -> dict | None:
-    path = out / JOURNAL
-    if not path.is_file():
-        return None
-    try:
-        journal = json.loads(path.read_text())
-        return journal if isinstance(journal, dict) and isinstance(journal.get("shards"), dict) else None
-    except ValueError:
-        return None
-
-
-def write_metadata(plan: Plan, out: Path) -> None:
-    """Everything but the weights: config, remote code, tokenizer and generation files, model card."""
-    atomic_write(out / "config.json", (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())
-    atomic_write(out / REMOTE_CODE, Path(modeling_smile.__file__).read_bytes())
-    for name in COPIED_FILES:
-        source = plan.base.folder / name
-        if source.is_file():
-            atomic_write(out / name, source.read_bytes())
-    atomic_write(out / "README.md", model_card(plan, out.name).encode())
+def write_metadata(plan: Plan, out: Path, journal: dict) -> None:
+    """Everything but the weights: config, remote code, tokenizer and generation files, model card.
+    Their digests go into the journal, so that `verify` notices an edited config or remote code."""
+    files = {
+        "config.json": (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode(),
+        REMOTE_CODE: Path(modeling_smile.__file__).read_bytes(),
+        **{name: path.read_bytes() for name, path in plan.copied_files.items()},
+        MODEL_CARD: model_card(plan, out.name).encode(),
+    }
+    for name, data in files.items():
+        atomic_write(out / name, data)
+    journal["metadata"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    save_journal(out, journal)
 
 
 def model_card(plan: Plan, out_name: str) -> str:
@@ -131,28 +95,6 @@ def model_card(plan: Plan, out_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def crash_point(name: str) -> None:
-    """Fault injection for the kill tests: SIGKILL this process at the named point of a run when
-    SMILE_STREAM_CRASH_AT names it. Points: plan, metadata, shard-<i>-mid, shard-<i>-renamed, index."""
-    if os.environ.get("SMILE_STREAM_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def start_journal(plan: Plan, out: Path) -> dict:
-    """The journal of this run: the earlier one if it is for the same plan (resume), else a new one.
-    It is written before anything else, so a killed run is always recognised as unfinished."""
-    journal = read_journal(out)
-    if journal is None or journal.get("plan_hash") != plan.hash:
-        journal = {
-            "format_version": modeling_smile.SMILE_FORMAT_VERSION,
-            "plan_hash": plan.hash,
-            "record": plan.record,
-            "shards": {},
-        }
-    atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
-    return journal
-
-
 def write_shards(
     plan: Plan,
     out: Path,
@@ -171,7 +113,7 @@ def write_shards(
         digest = writer.commit()
         crash_point(f"shard-{number}-renamed")
         journal["shards"][shard.filename] = {"sha256": digest, "size": shard.size}
-        atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
+        save_journal(out, journal)
         on_shard(shard, False)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="smile-commit") as worker:
@@ -360,36 +302,3 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def prepare_output(out: Path, plan: Plan, overwrite: bool) -> None:
-    """Create or reuse the output folder; refuse folders that would lose or mix up data."""
-    out_real = out.resolve()
-    inputs = [plan.base.folder, *(e.source.folder for e in plan.experts)]
-    for folder in inputs:
-        real = folder.resolve()
-        if out_real == real or out_real.is_relative_to(real):
-            raise SmileError(f"--out {out} is inside the input folder {folder}. Choose an output folder outside every input.")
-    if out.exists() and not out.is_dir():
-        raise SmileError(f"--out {out} is a file. Choose a folder.")
-    if out.is_dir() and any(out.iterdir()):
-        journal = read_journal(out)
-        if overwrite:
-            shutil.rmtree(out)
-        elif journal is None:
-            raise SmileError(
-                f"--out {out} already holds files that are not from an unfinished smile-stream run. Choose an empty folder, or pass --overwrite to replace its contents."
-            )
-        elif journal.get("plan_hash") != plan.hash:
-            changes = "; ".join(explain_changes(journal.get("record"), plan.record))
-            raise SmileError(
-                f"--out {out} holds a conversion made from different inputs or options ({changes}), so it cannot be "
-                "resumed. Run the original command to finish it, choose another --out, or pass --overwrite to start over."
-            )
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".smile-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise SmileError(f"--out {out} cannot be written ({exc.strerror}). Choose a writable folder.") from None

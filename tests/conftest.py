@@ -53,6 +53,45 @@ def models(tmp_path_factory):
     return get
 
 
+@pytest.fixture()
+def refused(tmp_path):
+    """refused(base, experts, match, **options): the conversion fails with a SmileError matching
+    `match`, leaves the inputs untouched and writes nothing that looks finished (no index, no
+    half-written file, no lock left behind)."""
+    from edits import digest
+
+    from smile_stream import Options, SmileError, convert
+
+    def check(base, experts, match, **options):
+        inputs = [Path(base)] + [Path(p) for _, p in experts if Path(p).exists()]
+        before = [digest(p) for p in inputs if p.exists()]
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        with pytest.raises(SmileError, match=match) as info:
+            convert(str(base), [(n, str(p)) for n, p in experts], out, Options(**{"gate_rank": 4, **options}), quiet=True)
+        if out.exists():
+            assert not (out / "model.safetensors.index.json").exists()
+            assert not list(out.glob("*.partial")) and not (out / "smile-stream.lock").exists()
+        assert [digest(p) for p in inputs if p.exists()] == before
+        return str(info.value)
+
+    return check
+
+
+@pytest.fixture()
+def llama(models):
+    return models("llama")
+
+
+@pytest.fixture()
+def lora(models):
+    return models("llama:lora_bad", r=4, targets=["q_proj", "v_proj"], seed=50)
+
+
+@pytest.fixture()
+def full(models):
+    return models("llama:full_bad", seed=51)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_hf_home(tmp_path_factory):
     # Remote code is copied into HF_MODULES_CACHE; keep it out of the user's cache.

@@ -10,7 +10,6 @@ from smile_stream import SmileLinear
 from smile_stream.modeling_smile import unpack_factors
 
 
-
 def _linear(tensors: dict, prefix: str) -> nn.Linear:
     weight = tensors[prefix + ".weight"].float()
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=prefix + ".bias" in tensors)

@@ -126,7 +126,7 @@ def test_output_folder_guards(models, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(SmileError, match="not from an unfinished smile-stream run"):
+    with pytest.raises(SmileError, match="already holds files that no smile-stream run wrote \\(notes.txt\\)"):
         convert(str(base), [("a", str(lora))], busy, Options(gate_rank=4), quiet=True)
     assert (busy / "notes.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
     with pytest.raises(SmileError, match="inside the input folder"):
