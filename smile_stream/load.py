@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
+from . import fields
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE, check_complete, check_format, smile_model_class
 from .plan import summarize_modules
-from .sources import read_safetensors_header
+from .sources import input_path, load_json, read_safetensors_header
 
 
 def _smile_config(path: str | os.PathLike):
@@ -20,14 +20,39 @@ def _smile_config(path: str | os.PathLike):
         check_complete(path)
     except OSError as exc:
         raise SmileError(str(exc)) from None
-    config = transformers.AutoConfig.from_pretrained(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SmileError(f"{path}/config.json cannot be read as a model config ({exc}).") from None
     if not isinstance(getattr(config, "smile", None), dict):
         raise SmileError(f"{path}/config.json has no 'smile' section; this folder was not made by smile-stream.")
     try:
         check_format(config.smile)
     except ValueError as exc:
         raise SmileError(f"{path}: {exc}") from None
+    check_smile_section(config.smile, Path(path) / "config.json")
     return config
+
+
+def check_smile_section(smile: dict, where: Path) -> None:
+    """The fields of config.json's `smile` section, each of its own type (else a SmileError)."""
+    for key, kinds in (("gate_rank", "int"), ("top_k", "int"), ("experts", "list"), ("modules", "dict"), ("base", "str")):
+        fields.get(smile, key, kinds, f"{where}: smile")
+    for i, expert in enumerate(smile["experts"]):
+        at = f"{where}: smile.experts[{i}]"
+        fields.check(expert, "dict", at)
+        for key in ("name", "kind", "source"):
+            fields.get(expert, key, "str", at)
+    for name, spec in smile["modules"].items():
+        at = f"{where}: smile.modules[{name!r}]"
+        fields.check(spec, "dict", at)
+        for key in ("experts", "ranks"):
+            fields.get(spec, key, "list", at)
+        for value in spec["experts"]:
+            fields.check(value, "str", f"{at}.experts")
+        for value in spec["ranks"]:
+            fields.check(value, "int", f"{at}.ranks")
+        fields.get(spec, "expert_bias", "bool", at, False)
 
 
 def model_class(path: str | os.PathLike) -> tuple[type, object]:
@@ -52,10 +77,12 @@ def inspect_output(path: str | os.PathLike) -> str:
     """What `smile-stream inspect` prints: experts, ranks, parameter overhead, experts per module."""
     folder = Path(path)
     config = _smile_config(folder).smile
-    index = json.loads((folder / INDEX_FILE).read_text())
+    index = load_json(folder / INDEX_FILE, "weights index")
+    fields.get(index, "weight_map", "dict", folder / INDEX_FILE)
+    fields.get(index, "metadata", "dict", folder / INDEX_FILE)
     base = added = 0
     for shard in sorted(set(index["weight_map"].values())):
-        for name, info in read_safetensors_header(folder / shard).tensors.items():
+        for name, info in read_safetensors_header(input_path(folder, shard, "the shard")).tensors.items():
             n = math.prod(info.shape)
             if name.rsplit(".", 1)[-1].startswith("expert_"):
                 added += n

@@ -691,23 +691,30 @@ def record_hash(record: dict) -> str:
 
 
 def explain_changes(old: dict, new: dict) -> list[str]:
-    """Human descriptions of what differs between two plan records."""
+    """Human descriptions of what differs between two plan records (`old` may come from any journal)."""
+
+    def part(record: dict, key: str, kind: type):
+        value = record.get(key) if isinstance(record, dict) else None
+        return value if isinstance(value, kind) else kind()
+
+    def source(entry: object, at: int) -> object:
+        return entry[at] if isinstance(entry, list) and len(entry) > at else None
+
     if not isinstance(old, dict):
         return ["the earlier run did not record its inputs"]
     changes = []
     if old.get("format_version") != new["format_version"]:
         changes.append(f"output format version {old.get('format_version')} -> {new['format_version']}")
-    old_options = old.get("options", {})
+    old_options = part(old, "options", dict)
     for key, value in new["options"].items():
         if old_options.get(key) != value:
             changes.append(f"option {key}: {old_options.get(key)!r} -> {value!r}")
     if old.get("base") != new["base"]:
+        before = source(old.get("base"), 0)
         changes.append(
-            f"base {new['base'][0]}: its files changed"
-            if old.get("base", [None])[0] == new["base"][0]
-            else f"base {old.get('base', ['?'])[0]} -> {new['base'][0]}"
+            f"base {new['base'][0]}: its files changed" if before == new["base"][0] else f"base {before} -> {new['base'][0]}"
         )
-    old_experts = {e[0]: e for e in old.get("experts", [])}
+    old_experts = {source(e, 0): e for e in part(old, "experts", list)}
     new_names = [e[0] for e in new["experts"]]
     if list(old_experts) != new_names:
         changes.append(f"experts {list(old_experts)} -> {new_names}")
@@ -716,8 +723,8 @@ def explain_changes(old: dict, new: dict) -> list[str]:
         if before is not None and before != expert:
             changes.append(
                 f"expert {expert[0]} ({expert[2]}): its files changed"
-                if before[2] == expert[2]
-                else f"expert {expert[0]}: {before[2]} -> {expert[2]}"
+                if source(before, 2) == expert[2]
+                else f"expert {expert[0]}: {source(before, 2)} -> {expert[2]}"
             )
     return changes or ["the plan differs"]
 

@@ -195,7 +195,8 @@ def nonfinite_error(info: TensorInfo) -> SmileError:
     )
 
 
-def _load_json(path: Path, what: str) -> dict:
+def load_json(path: Path, what: str) -> dict:
+    """A JSON object from an input or output file, or a SmileError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -245,7 +246,7 @@ class Checkpoint:
                 "folder that holds config.json and the *.safetensors weights, or to the adapter's folder."
             )
 
-        self.config = _load_json(config_path, "model config")
+        self.config = load_json(config_path, "model config")
         self.read_paths = [config_path]  # every input file this run depends on, for resume to notice changes
         self.files = [read_safetensors_header(p) for p in self._weight_files()]
         self.tensors: dict[str, TensorInfo] = {}
@@ -256,7 +257,7 @@ class Checkpoint:
     def _weight_files(self) -> list[Path]:
         index = input_path(self.folder, INDEX_FILE)
         if index.is_file():
-            weight_map = _load_json(index, "weights index").get("weight_map")
+            weight_map = load_json(index, "weights index").get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
                 raise SmileError(
                     f"{index}: weight_map must be a non-empty object of tensor name -> shard file name; the index is "
@@ -358,7 +359,7 @@ class LoraAdapter:
     def __init__(self, folder: Path, source: str, allow_pickle: bool = False):
         self.folder, self.source = folder, source
         config_path = input_path(folder, ADAPTER_CONFIG)
-        self.config = _load_json(config_path, "adapter config")
+        self.config = load_json(config_path, "adapter config")
         weights = input_path(folder, ADAPTER_WEIGHTS)
         pickled = input_path(folder, "adapter_model.bin")
         self.read_paths = [config_path, weights if weights.is_file() else pickled]
@@ -495,7 +496,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         if (folder / ADAPTER_CONFIG).is_file():
             names = [ADAPTER_WEIGHTS]
         elif (folder / INDEX_FILE).is_file():
-            names = sorted(set(_load_json(folder / INDEX_FILE, "weights index").get("weight_map", {}).values()))
+            names = sorted(set(load_json(folder / INDEX_FILE, "weights index").get("weight_map", {}).values()))
         else:
             names = ["model.safetensors"]
         for name in names:

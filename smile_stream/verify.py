@@ -8,17 +8,17 @@ against the SMILE model built with empty weights); shard checksums match the jou
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from . import fields
 from .errors import SmileError
+from .load import check_smile_section, model_class
 from .modeling_smile import INDEX_FILE, check_format, unpack_factors
 from .output import JOURNAL, REMOTE_CODE, file_sha256, read_journal
 from .plan import ModelTensors
-from .sources import DTYPES, FLOAT_CODES, LoraAdapter, TensorInfo, input_path, open_source, read_safetensors_header
+from .sources import DTYPES, FLOAT_CODES, LoraAdapter, TensorInfo, input_path, load_json, open_source, read_safetensors_header
 
 
 def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[list[str], list[str]]:
@@ -33,7 +33,7 @@ def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[li
     config_path = folder / "config.json"
     if not config_path.is_file():
         return [f"{config_path} is missing: this is not a converted model folder"], report
-    config = _read_json(config_path, "model config")
+    config = load_json(config_path, "model config")
     smile = config.get("smile")
     if not isinstance(smile, dict):
         return [f"{config_path} has no 'smile' section: this folder was not made by smile-stream"], report
@@ -41,7 +41,7 @@ def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[li
         check_format(smile)
     except ValueError as exc:
         return [f"{folder}: {exc}"], report
-    _check_smile_section(smile, config_path)
+    check_smile_section(smile, config_path)
 
     partial = sorted(p.name for p in folder.glob("*.partial"))
     if partial:
@@ -49,7 +49,7 @@ def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[li
     if not (folder / INDEX_FILE).is_file():
         problems.append(f"{INDEX_FILE} is missing: the conversion is unfinished (re-run it to resume)")
         return problems, report
-    index = _read_json(folder / INDEX_FILE, "weights index")
+    index = load_json(folder / INDEX_FILE, "weights index")
     weight_map = fields.get(index, "weight_map", "dict", folder / INDEX_FILE)
     for name, shard in weight_map.items():
         fields.check(shard, "str", f"{folder / INDEX_FILE}: weight_map[{name!r}]")
@@ -62,35 +62,6 @@ def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[li
         report += _deep_check(smile, tensors, samples, problems)
     report.insert(0, f"{len(tensors)} tensors in {len(set(weight_map.values()))} shard(s), {len(smile['modules'])} SMILE modules")
     return problems, report
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SmileError(f"{path}: the {what} is not valid JSON ({exc}); the folder is damaged.") from None
-    return fields.check(data, "dict", f"{path}: the {what}")
-
-
-def _check_smile_section(smile: dict, where: Path) -> None:
-    """The fields of config.json's `smile` section, each of its own type (else a SmileError)."""
-    for key, kinds in (("gate_rank", "int"), ("top_k", "int"), ("experts", "list"), ("modules", "dict"), ("base", "str")):
-        fields.get(smile, key, kinds, f"{where}: smile")
-    for i, expert in enumerate(smile["experts"]):
-        at = f"{where}: smile.experts[{i}]"
-        fields.check(expert, "dict", at)
-        for key in ("name", "kind", "source"):
-            fields.get(expert, key, "str", at)
-    for name, spec in smile["modules"].items():
-        at = f"{where}: smile.modules[{name!r}]"
-        fields.check(spec, "dict", at)
-        for key in ("experts", "ranks"):
-            fields.get(spec, key, "list", at)
-        for value in spec["experts"]:
-            fields.check(value, "str", f"{at}.experts")
-        for value in spec["ranks"]:
-            fields.check(value, "int", f"{at}.ranks")
-        fields.get(spec, "expert_bias", "bool", at, False)
 
 
 def _check_shards(folder: Path, index: dict, problems: list[str]) -> dict[str, TensorInfo]:
@@ -123,8 +94,6 @@ def _check_against_model(folder: Path, tensors: dict[str, TensorInfo], problems:
     # The model the config describes, built with empty weights, says which tensors must exist and
     # their shapes: the same rules convert applies to its base (ModelTensors).
     from accelerate import init_empty_weights
-
-    from .load import model_class
 
     try:
         cls, config = model_class(folder)
