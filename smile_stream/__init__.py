@@ -7,7 +7,8 @@ from .convert import Result, convert
 from .errors import SmileError
 from .load import inspect_output, load_model, model_class
 from .modeling_smile import SmileLinear, smile_model_class
-from .plan import Options, make_plan
+from .options import Options
+from .plan import make_plan
 from .verify import verify
 
 __all__ = [

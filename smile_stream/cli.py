@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 import sys
 import tomllib
@@ -13,17 +12,25 @@ import click
 
 from . import fields
 from .errors import SmileError
-from .plan import Options, parse_size
-
-
-def _option_kind(annotation: str) -> str:
-    # Options is annotated as "int", "int | None", "str | None", "bool" (strings: postponed annotations)
-    return "|".join(part.strip() for part in annotation.split("|") if part.strip() != "None")
-
+from .options import Options, flag_name, kind_of
 
 # recipe keys: the Options fields, each taking only its own TOML type ("int", "bool", "str")
-RECIPE_OPTIONS = {f.name: _option_kind(f.type) for f in dataclasses.fields(Options)}
-RECIPE_OPTIONS["max_shard_size"] = "int|str"  # 5000000000 or "5GB"
+RECIPE_OPTIONS = {spec.name: kind_of(spec) for spec in Options.specs()}
+
+
+def option_flags(command):
+    """Click flags for every field of Options: names, types, choices and help come from the field."""
+    for spec in reversed(Options.specs()):
+        meta = spec.metadata
+        settings = {"default": None, "help": meta["help"]}
+        if meta["flag"]:
+            settings["is_flag"] = True
+        elif meta["choices"]:
+            settings["type"] = click.Choice(meta["choices"])
+        elif kind_of(spec) == "int":
+            settings["type"] = int
+        command = click.option(flag_name(spec), spec.name, **settings)(command)
+    return command
 
 
 class Stopped(KeyboardInterrupt):
@@ -69,9 +76,9 @@ def _load_recipe(path: str) -> dict:
     unknown = sorted(set(recipe) - known)
     if unknown:
         raise SmileError(f"recipe {path}: unknown keys {unknown}. Known keys: {sorted(known)}.")
-    for key, value in recipe.items():
-        if key != "experts":
-            fields.check(value, RECIPE_OPTIONS.get(key, "str"), f"recipe {path}: {key}")
+    for key in ("base", "out"):
+        if key in recipe:
+            fields.check(recipe[key], "str", f"recipe {path}: {key}")
     experts = recipe.get("experts", {})
     if not isinstance(experts, dict) or not all(isinstance(v, str) for v in experts.values()):
         raise SmileError(
@@ -104,21 +111,7 @@ def main() -> None:
     help="An expert: LoRA adapter or fine-tuned model (folder or hub id). Repeat.",
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--gate-rank", type=int, help="Router rank g (default 8).")
-@click.option("--top-k", type=int, help="Experts per token (default 1).")
-@click.option("--expert-rank", type=int, help="Truncate experts to this rank (default: each LoRA's r; 128 for full fine-tunes).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype (default: the base's).")
-@click.option("--max-shard-size", help="Largest shard, e.g. 5GB (default), 500MB, 2GiB.")
-@click.option("--targets", help="Regex over module names to upscale (default: every linear in the decoder blocks).")
-@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), help="SVD for full fine-tunes (default auto).")
-@click.option(
-    "--non-linear",
-    type=click.Choice(["base", "average"]),
-    help="Non-target parameters of full experts: from the base (default) or averaged.",
-)
-@click.option("--device", help="auto (default: CUDA when present), cpu, cuda, cuda:1 ...")
-@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a base whose config asks for remote code.")
-@click.option("--allow-pickle", is_flag=True, default=None, help="Read .bin/.pt inputs with torch.load(weights_only=True).")
+@option_flags
 @click.option("--dry-run", is_flag=True, help="Print the plan and write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder's contents instead of refusing/resuming.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
@@ -138,9 +131,7 @@ def convert(recipe, base, experts, out, dry_run, overwrite, quiet, debug, **flag
             raise SmileError("No output folder: pass --out FOLDER (or set out in the recipe).")
         values = {k: settings[k] for k in RECIPE_OPTIONS if k in settings}
         values.update({k: v for k, v in flags.items() if v is not None})
-        if "max_shard_size" in values:
-            values["max_shard_size"] = parse_size(values["max_shard_size"])
-        options = Options(**values)
+        options = Options.from_values(values, f"recipe {recipe}" if recipe else "options")
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, _stop)
         run_convert(base, expert_list, out or ".", options, dry_run=dry_run, overwrite=overwrite, quiet=quiet)

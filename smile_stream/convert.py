@@ -12,9 +12,11 @@ import torch
 
 from .factorize import Factorizer, prefetch
 from .measure import PeakMemory, format_bytes, now
+from .options import Options
 from .output import crash_point, open_output
-from .plan import Options, Plan, ShardPlan, TensorPlan, describe, make_plan, non_target_notes
-from .sources import DTYPES, cast
+from .plan import Plan, ShardPlan, TensorPlan, make_plan
+from .report import describe, non_target_notes
+from .tensors import DTYPES, cast
 from .write import disk_errors, write_metadata, write_shards
 
 
@@ -75,9 +77,9 @@ class TensorSource:
             upcoming = self.layers[position + 1]
             infos = []
             for module in self.plan.modules.values():
-                fulls = [self.plan.experts[i].source for i in module.experts if self.plan.experts[i].kind == "full"]
-                if module.layer == upcoming and fulls:
-                    infos += [module.weight, *(source.tensors[module.weight.name] for source in fulls)]
+                if module.layer == upcoming:
+                    expert_infos = [t for i in module.experts for t in self.plan.experts[i].read_ahead(module.name)]
+                    infos += [module.weight, *expert_infos] if expert_infos else []
             if infos:
                 prefetch(infos)
 

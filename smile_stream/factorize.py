@@ -14,7 +14,7 @@ import torch
 
 from .modeling_smile import low_rank_factors, pack_factors
 from .plan import ModulePlan, Plan
-from .sources import DTYPES, TensorInfo, cast
+from .tensors import DTYPES, TensorInfo, cast
 
 OVERSAMPLES = 16  # extra range-finder columns: max(OVERSAMPLES, rank // 4)
 POWER_ITERATIONS = 4
@@ -103,30 +103,27 @@ class Factorizer:
         modules = self._by_layer.get(layer, [])
         factors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for module in modules:
-            factors.update(self._lora_factors(module))
-        kinds = [(m, slot, self.plan.experts[i].kind) for m in modules for slot, i in enumerate(m.experts)]
-        factors.update(self._full_factors([(m, slot) for m, slot, kind in kinds if kind == "full"]))
+            factors.update(self._exact_factors(module))
+        factors.update(self._svd_factors([(m, slot) for m in modules for slot in self._slots(m, "svd")]))
         out: dict[str, torch.Tensor] = {}
         for module in modules:
             out.update(self._assemble(module, [factors[module.name, slot] for slot in range(len(module.experts))]))
         return out
 
-    def _lora_factors(self, module: ModulePlan) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
-        slots = [slot for slot, i in enumerate(module.experts) if self.plan.experts[i].kind == "lora"]
+    def _slots(self, module: ModulePlan, engine: str) -> list[int]:
+        return [slot for slot, i in enumerate(module.experts) if self.plan.experts[i].engine == engine]
+
+    def _exact_factors(self, module: ModulePlan) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+        # The experts of a module whose delta comes as LoRA operands go through one batched QR-core call.
+        slots = self._slots(module, "qr")
         if not slots:
             return {}
-        adapters = [self.plan.experts[module.experts[slot]].source for slot in slots]
-        loras = [adapter.modules[module.name] for adapter in adapters]
-        results = lora_factors(
-            [adapter.read(lora.a).to(self.device) for adapter, lora in zip(adapters, loras)],
-            [adapter.read(lora.b).to(self.device) for adapter, lora in zip(adapters, loras)],
-            [lora.scale for lora in loras],
-            [module.ranks[slot] for slot in slots],
-        )
+        a, b, scales = zip(*(self.plan.experts[module.experts[slot]].operands(module.name, self.device) for slot in slots))
+        results = lora_factors(list(a), list(b), list(scales), [module.ranks[slot] for slot in slots])
         return {(module.name, slot): f for slot, f in zip(slots, results)}
 
-    def _full_factors(self, jobs: list[tuple[ModulePlan, int]]) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
-        # Same-shape, same-rank deltas of a layer go through one batched SVD, within the memory budget.
+    def _svd_factors(self, jobs: list[tuple[ModulePlan, int]]) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+        # Same-shape, same-rank dense deltas of a layer go through one batched SVD, within the memory budget.
         groups: dict[tuple[int, int, int], list[tuple[ModulePlan, int]]] = {}
         for module, slot in jobs:
             groups.setdefault((module.out_features, module.in_features, module.ranks[slot]), []).append((module, slot))
@@ -152,41 +149,34 @@ class Factorizer:
         for j, (module, slot) in enumerate(batch):
             if module.weight.name != base_name:
                 base_name, base = module.weight.name, self.plan.base.read(module.weight.name).to(self.device, torch.float32)
-            expert = self.plan.experts[module.experts[slot]].source
-            deltas[j].copy_(expert.read(module.weight.name)).sub_(base)
+            self.plan.experts[module.experts[slot]].write_delta(module.name, base, deltas[j])
         return deltas
 
     def _assemble(self, module: ModulePlan, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         dtype = DTYPES[module.dtype]
-        down, up = pack_factors([d for d, _ in factors], [u for _, u in factors], self.plan.options.gate_rank)
-        what = f"the expert factors of {module.name}"
-        tensors = {
-            module.name + ".expert_down": cast(down.to("cpu"), dtype, what).contiguous(),
-            module.name + ".expert_up": cast(up.to("cpu"), dtype, what).contiguous(),
-        }
+        bias_deltas = None
         if module.expert_bias:
             base_bias = self.plan.base.read(module.bias.name).float()
-            rows = []
+            bias_deltas = []
             for i in module.experts:
-                expert = self.plan.experts[i]
-                rows.append(
-                    expert.source.read(module.bias.name).float() - base_bias
-                    if expert.kind == "full"
-                    else torch.zeros_like(base_bias)
-                )
-            tensors[module.name + ".expert_bias"] = cast(
-                torch.stack(rows), dtype, f"the bias deltas of {module.name}"
-            ).contiguous()
-        return tensors
+                delta = self.plan.experts[i].bias_delta(module.name, base_bias)
+                bias_deltas.append(torch.zeros_like(base_bias) if delta is None else delta)
+        packed = pack_factors(
+            [d.cpu() for d, _ in factors], [u.cpu() for _, u in factors], self.plan.options.gate_rank, bias_deltas
+        )
+        return {
+            f"{module.name}.{suffix}": cast(tensor, dtype, f"the expert factors of {module.name}").contiguous()
+            for suffix, tensor in packed.items()
+        }
 
     def average(self, name: str) -> torch.Tensor:
         """The mean of a non-target parameter over the full experts (`--non-linear average`)."""
-        fulls = [e.source for e in self.plan.experts if e.kind == "full"]
+        sources = [source for e in self.plan.experts if (source := e.average_source()) is not None]
         rows = self.plan.base.tensors[name].shape[:1]  # experts that added tokens: the base's rows only
         total = torch.zeros(self.plan.base.tensors[name].shape)
-        for source in fulls:
+        for source in sources:
             total += source.read(name)[: rows[0]].float() if rows else source.read(name).float()
-        return total / len(fulls)
+        return total / len(sources)
 
 
 def _device_budget(device: torch.device) -> int:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from . import fields
 from .errors import SmileError
-from .modeling_smile import INDEX_FILE, check_complete, check_format, smile_model_class
-from .plan import summarize_modules
-from .sources import input_path, load_json, read_safetensors_header
+from .modeling_smile import EXPERT_TENSORS, INDEX_FILE, check_complete, check_format, smile_model_class
+from .report import summarize_modules
+from .sources import input_path, load_json
+from .tensors import read_safetensors_header
 
 
 def _smile_config(path: str | os.PathLike):
@@ -84,7 +85,7 @@ def inspect_output(path: str | os.PathLike) -> str:
     for shard in sorted(set(index["weight_map"].values())):
         for name, info in read_safetensors_header(input_path(folder, shard, "the shard")).tensors.items():
             n = math.prod(info.shape)
-            if name.rsplit(".", 1)[-1].startswith("expert_"):
+            if name.rsplit(".", 1)[-1] in EXPERT_TENSORS:
                 added += n
             else:
                 base += n

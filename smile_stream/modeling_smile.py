@@ -37,6 +37,7 @@ from torch import nn
 
 SMILE_FORMAT_VERSION = 2
 INDEX_FILE = "model.safetensors.index.json"
+EXPERT_TENSORS = ("expert_down", "expert_up", "expert_bias")  # suffixes of an upscaled module's expert tensors
 
 
 def low_rank_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +65,28 @@ def expert_rows(ranks: list[int], gate_rank: int) -> list[tuple[slice, slice, sl
     return rows
 
 
-def pack_factors(downs: list[torch.Tensor], ups: list[torch.Tensor], gate_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each expert's `down` (k_i, in) and `up` (out, k_i) -> the packed `(expert_down, expert_up)`."""
+def expert_shapes(in_features: int, out_features: int, ranks: list[int], expert_bias: bool) -> dict[str, tuple[int, ...]]:
+    """The expert tensors of one upscaled module, `{suffix: shape}` in their stored order (the layout above)."""
+    down, up, bias = EXPERT_TENSORS
+    shapes = {down: (sum(ranks), in_features), up: (sum(ranks), out_features)}
+    if expert_bias:
+        shapes[bias] = (len(ranks), out_features)
+    return shapes
+
+
+def pack_factors(
+    downs: list[torch.Tensor], ups: list[torch.Tensor], gate_rank: int, bias_deltas: list[torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Each expert's `down` (k_i, in), `up` (out, k_i) and bias delta -> `{suffix: tensor}` as stored."""
+    down, up, bias = EXPERT_TENSORS
     gates = [min(gate_rank, d.shape[0]) for d in downs]
-    down = torch.cat([d[:g] for d, g in zip(downs, gates)] + [d[g:] for d, g in zip(downs, gates)])
-    return down, torch.cat([u.t() for u in ups])
+    packed = {
+        down: torch.cat([d[:g] for d, g in zip(downs, gates)] + [d[g:] for d, g in zip(downs, gates)]),
+        up: torch.cat([u.t() for u in ups]),
+    }
+    if bias_deltas is not None:
+        packed[bias] = torch.stack(list(bias_deltas))
+    return packed
 
 
 def unpack_factors(
@@ -109,12 +127,11 @@ class SmileLinear(nn.Module):
         self.gate_rank = int(gate_rank)
         self.top_k = min(int(top_k), len(self.ranks))
         factory = {"device": device, "dtype": dtype}
-        total = sum(self.ranks)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        self.expert_down = nn.Parameter(torch.empty(total, in_features, **factory))
-        self.expert_up = nn.Parameter(torch.empty(total, out_features, **factory))
-        self.expert_bias = nn.Parameter(torch.empty(len(self.ranks), out_features, **factory)) if expert_bias else None
+        self.expert_bias = None
+        for suffix, shape in expert_shapes(in_features, out_features, self.ranks, expert_bias).items():
+            setattr(self, suffix, nn.Parameter(torch.empty(shape, **factory)))
         self._rows = expert_rows(self.ranks, self.gate_rank)
         self._gate_size = sum(gate.stop - gate.start for gate, _, _ in self._rows)
         # Same-rank experts (k >= g) allow reshaped views, and with them the gather-based sparse
@@ -154,11 +171,8 @@ class SmileLinear(nn.Module):
             layer.weight.copy_(weight)
             if bias is not None:
                 layer.bias.copy_(bias)
-            down, up = pack_factors(list(downs), list(ups), gate_rank)
-            layer.expert_down.copy_(down)
-            layer.expert_up.copy_(up)
-            if bias_deltas is not None:
-                layer.expert_bias.copy_(torch.stack(list(bias_deltas)))
+            for suffix, tensor in pack_factors(list(downs), list(ups), gate_rank, bias_deltas).items():
+                getattr(layer, suffix).copy_(tensor)
         return layer
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Sources: find model folders (local or hub), read safetensors headers, configs and PEFT adapters.
+"""Sources: find model folders (local or hub), read their configs, weights headers and PEFT adapters.
 
 Nothing here reads tensor data except `read_tensor`, which goes through `safe_open` (mmap), one
 tensor at a time. Pickle files are never opened.
@@ -20,179 +20,18 @@ from safetensors import safe_open
 
 from . import fields
 from .errors import SmileError
+from .tensors import (
+    DTYPE_CODES,
+    FLOAT_CODES,
+    TensorInfo,
+    read_safetensors_header,
+    require_finite,
+    safetensors_header,
+)
 
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_CODES = {v: k for k, v in DTYPES.items()}
-FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def itemsize(code: str) -> int:
-    return DTYPES[code].itemsize
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, absolute byte offset of its data, dtype code and shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: str
-    offset: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class SafetensorsFile:
-    path: str
-    size: int
-    header_sha256: str
-    tensors: dict[str, TensorInfo]
-
-
-def read_safetensors_header(path: str | Path) -> SafetensorsFile:
-    """Parse and validate a safetensors header without touching the tensor data.
-
-    As strict as the safetensors library: integer offsets and shapes, string metadata, no
-    duplicate names, and tensors that tile the data section exactly (no overlaps, no holes).
-    """
-    path = str(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        if length < 2 or length > min(size - 8, MAX_HEADER_BYTES):
-            raise SmileError(
-                f"{path} is not a valid safetensors file: its header length field ({length}) does not fit "
-                f"a file of {size} bytes. The file is truncated or corrupted; download or save it again."
-            )
-        raw = f.read(length)
-    try:
-        header = json.loads(raw, object_pairs_hook=_no_duplicates)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SmileError(
-            f"{path} is not a valid safetensors file: its header is not valid JSON ({exc}). "
-            "The file is corrupted; download or save it again."
-        ) from None
-    metadata = header.get("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise SmileError(
-            f"{path}: the header's __metadata__ must map names to strings, but it is {metadata!r}. The file is corrupted "
-            "or was written by a broken tool; save it again with safetensors."
-        )
-    data_start, data_size = 8 + length, size - 8 - length
-    tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        tensors[name] = _tensor_info(path, name, entry, data_start, data_size)
-    end = 0
-    for info in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
-        if info.offset - data_start != end:
-            raise SmileError(
-                f"{path}: tensor {info.name!r} starts at data offset {info.offset - data_start}, but the tensors before it "
-                f"end at {end}: tensors overlap or leave a hole. The file is corrupted; download or save it again."
-            )
-        end += info.nbytes
-    if end != data_size:
-        raise SmileError(
-            f"{path}: the tensors end at data offset {end} but the data section is {data_size} bytes. The file is truncated "
-            "or corrupted; download or save it again."
-        )
-    return SafetensorsFile(path, size, hashlib.sha256(raw).hexdigest(), tensors)
-
-
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    keys = [k for k, _ in pairs]
-    dupes = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) != len(keys) else []
-    if dupes:
-        raise ValueError(f"the name {dupes[0]!r} appears more than once")
-    return dict(pairs)
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _tensor_info(path: str, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
-    fields = entry if isinstance(entry, dict) else {}
-    code, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
-    if not (
-        isinstance(code, str)
-        and isinstance(shape, list)
-        and all(map(_is_count, shape))
-        and isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(map(_is_count, offsets))
-    ):
-        raise SmileError(
-            f"{path}: tensor {name!r} has a malformed header entry {entry!r} (dtype must be a string, shape and "
-            "data_offsets non-negative integers); the file is corrupted."
-        )
-    if code not in DTYPES:
-        raise SmileError(f"{path}: tensor {name!r} has dtype {code!r}, which smile-stream does not handle.")
-    shape, (begin, end) = tuple(shape), offsets
-    expected = math.prod(shape) * itemsize(code)
-    if not begin <= end <= data_size or end - begin != expected:
-        raise SmileError(
-            f"{path}: tensor {name!r} ({code}, shape {list(shape)}) has data offsets [{begin}, {end}] that do not "
-            f"fit its size ({expected} bytes) or the file's data section ({data_size} bytes). The file is truncated "
-            "or corrupted; download or save it again."
-        )
-    return TensorInfo(name, code, shape, path, data_start + begin, end - begin)
-
-
-def require_finite(tensor: torch.Tensor, info: TensorInfo) -> torch.Tensor:
-    """The tensor, unless it holds NaN or Inf, which would reach the converted model."""
-    if not is_finite(tensor):
-        raise nonfinite_error(info)
-    return tensor
-
-
-def is_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf. min/max propagate both, and cost one read, without a boolean copy."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor.reshape(-1))
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
-def cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """`tensor` in `dtype`, refusing values that overflow it (finite before the cast, Inf after)."""
-    result = tensor.to(dtype)
-    if result.is_floating_point() and not is_finite(result) and is_finite(tensor):
-        peak = float(tensor.abs().max())
-        raise SmileError(
-            f"{what} has values up to {peak:.4g}, which do not fit {str(dtype).removeprefix('torch.')} (largest "
-            f"{torch.finfo(dtype).max:.4g}). Choose a wider output dtype: --dtype bfloat16 or float32."
-        )
-    return result
-
-
-def nonfinite_error(info: TensorInfo) -> SmileError:
-    return SmileError(
-        f"{info.file}: tensor {info.name!r} holds NaN or Inf values, which would reach the converted model. "
-        "The checkpoint is damaged (or was saved from a diverged run); fix or re-download it."
-    )
 
 
 def load_json(path: Path, what: str) -> dict:
@@ -314,20 +153,20 @@ def _pattern_value(patterns: dict, module: str, default):
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted module: delta W = scale * B @ A with A (r, in), B (out, r)."""
+    """One adapted module: delta W = scale * B @ A with A (r, in), B (out, r); with DoRA, also the
+    learned magnitude (out,) the adapted weight's rows are rescaled to."""
 
     a: TensorInfo
     b: TensorInfo
     rank: int
     scale: float
+    magnitude: TensorInfo | None = None
 
 
-_DORA = "DoRA (use_dora) rescales the merged weight per column, which is not a low-rank delta"
 _EMBEDDING = "LoRA on embeddings changes an embedding table, not a linear layer"
 _SAVED_MODULES = "modules_to_save replaces whole modules instead of adding a low-rank delta"
 # adapter_config.json fields and adapter tensor-name markers of adapters that are not plain low-rank deltas
 _UNSUPPORTED_ADAPTER_FIELDS = {
-    "use_dora": _DORA,
     "modules_to_save": _SAVED_MODULES,
     "lora_bias": "LoRA with a trained bias (lora_bias) changes biases, which a LoRA expert cannot carry",
 }
@@ -346,7 +185,6 @@ _TYPED_ADAPTER_FIELDS = {
     "alpha_pattern": "dict|null",
 }
 _UNSUPPORTED_ADAPTER_KEYS = {
-    "lora_magnitude_vector": _DORA,
     "lora_embedding_A": _EMBEDDING,
     "lora_embedding_B": _EMBEDDING,
     "modules_to_save": _SAVED_MODULES,
@@ -375,6 +213,7 @@ class LoraAdapter:
 
         self.file = read_safetensors_header(weights)
         self._check_config()
+        self.dora = self.config.get("use_dora") is True
         self.modules = self._modules()
         self._handle = None
 
@@ -413,16 +252,25 @@ class LoraAdapter:
             for marker, why in _UNSUPPORTED_ADAPTER_KEYS.items():
                 if marker in key:
                     raise SmileError(f"{where}: tensor {key!r}: {why}; smile-stream refuses such adapters.")
-            match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
-            if match is None:
+            match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key) or re.fullmatch(
+                r"(?:base_model\.model\.)?(.+)\.lora_(magnitude)_vector(?:\.[^.]+)?(?:\.weight)?", key
+            )
+            if match is None or (match.group(2) == "magnitude" and not self.dora):
                 raise SmileError(
-                    f"{where}: tensor {key!r} is not a lora_A/lora_B weight. Only plain LoRA adapters can be converted; "
-                    "biases, DoRA magnitudes and saved modules are refused."
+                    f"{where}: tensor {key!r} is not a lora_A/lora_B weight{' or a DoRA magnitude' if self.dora else ''}. "
+                    "Only LoRA and DoRA adapters can be converted; biases and saved modules are refused"
+                    f"{'' if self.dora else ', and DoRA magnitudes need use_dora = true in ' + ADAPTER_CONFIG}."
                 )
             pairs.setdefault(match.group(1), {})[match.group(2)] = info
         cfg = self.config
         modules = {}
         for module, pair in sorted(pairs.items()):
+            magnitude = pair.pop("magnitude", None)
+            if self.dora and (magnitude is None or magnitude.shape != pair.get("B", magnitude).shape[:1]):
+                raise SmileError(
+                    f"{where}: module {module!r} of this DoRA adapter has no lora_magnitude_vector of one value per output "
+                    "feature. The adapter is incomplete; save it again."
+                )
             if set(pair) != {"A", "B"}:
                 raise SmileError(
                     f"{where}: module {module!r} has lora_{'A' if 'A' in pair else 'B'} but no lora_{'B' if 'A' in pair else 'A'}. The adapter is incomplete; save it again."
@@ -450,7 +298,7 @@ class LoraAdapter:
                 )
             alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", rank)))
             scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") is True else alpha / rank
-            modules[module] = LoraModule(a, b, rank, scale)
+            modules[module] = LoraModule(a, b, rank, scale, magnitude)
         if not modules:
             raise SmileError(f"{where} holds no lora_A/lora_B tensors; the adapter is empty.")
         return modules
@@ -520,19 +368,6 @@ def open_source(ref: str, allow_pickle: bool = False) -> Checkpoint | LoraAdapte
     if (folder / ADAPTER_CONFIG).is_file():
         return LoraAdapter(folder, ref, allow_pickle)
     return Checkpoint(folder, ref, allow_pickle)
-
-
-def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]]) -> bytes:
-    """The JSON header for tensors (name, dtype code, shape) laid out back to back in this order,
-    padded so that the data starts 8-byte aligned."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, code, shape in entries:
-        nbytes = math.prod(shape) * itemsize(code)
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-(8 + len(raw)) % 8)
 
 
 def unpickled(path: Path) -> Path:

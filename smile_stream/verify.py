@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 
 from . import fields
+from .architecture import ModelTensors
 from .errors import SmileError
+from .experts import open_expert
 from .load import check_smile_section, model_class
-from .modeling_smile import INDEX_FILE, check_format, unpack_factors
+from .modeling_smile import EXPERT_TENSORS, INDEX_FILE, check_format, unpack_factors
 from .output import JOURNAL, REMOTE_CODE, file_sha256, read_journal
-from .plan import ModelTensors
-from .sources import DTYPES, FLOAT_CODES, LoraAdapter, TensorInfo, input_path, load_json, open_source, read_safetensors_header
+from .sources import input_path, load_json, open_source
+from .tensors import DTYPES, FLOAT_CODES, TensorInfo, read_safetensors_header
 
 
 def verify(folder: str | Path, deep: bool = False, samples: int = 4) -> tuple[list[str], list[str]]:
@@ -111,7 +113,7 @@ def _check_smile_tensors(smile: dict, tensors: dict[str, TensorInfo], problems: 
     for name, spec in smile["modules"].items():
         if len(spec["experts"]) != len(spec["ranks"]) or not spec["experts"]:
             problems.append(f"config smile.modules[{name}] lists {len(spec['experts'])} experts but {len(spec['ranks'])} ranks")
-        for suffix in ("expert_down", "expert_up", "expert_bias"):
+        for suffix in EXPERT_TENSORS:
             info = tensors.get(f"{name}.{suffix}")
             if info is not None and info.dtype not in FLOAT_CODES:
                 problems.append(f"tensor {info.name} has dtype {info.dtype}; expert factors must be floating point")
@@ -168,7 +170,7 @@ def _deep_check(smile: dict, tensors: dict[str, TensorInfo], samples: int, probl
     picked = [names[round(i * (len(names) - 1) / max(samples - 1, 1))] for i in range(min(samples, len(names)))]
     try:
         base = open_source(smile["base"])
-        experts = {e["name"]: open_source(e["source"]) for e in smile["experts"]}
+        experts = {e["name"]: open_expert(e["name"], e["source"]) for e in smile["experts"]}
     except SmileError as exc:
         problems.append(f"--deep needs the conversion's inputs: {exc}")
         return []
@@ -181,13 +183,10 @@ def _deep_check(smile: dict, tensors: dict[str, TensorInfo], samples: int, probl
         with safe_open(up_info.file, "pt") as f:
             up = f.get_tensor(up_info.name).double()
         factors = unpack_factors(down, up, spec["ranks"], smile["gate_rank"])
+        base_weight = base.read(name + ".weight").double()
         for expert_name, rank, (expert_down, expert_up) in zip(spec["experts"], spec["ranks"], factors):
-            source = experts[expert_name]
-            if isinstance(source, LoraAdapter):
-                lora = source.modules[name]
-                delta = lora.scale * source.read(lora.b).double() @ source.read(lora.a).double()
-            else:
-                delta = source.read(name + ".weight").double() - base.read(name + ".weight").double()
+            delta = torch.empty_like(base_weight)
+            experts[expert_name].write_delta(name, base_weight, delta)
             approx = expert_up @ expert_down
 
             norm = float(torch.linalg.norm(delta)) or 1.0

@@ -27,8 +27,9 @@ from . import modeling_smile
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE
 from .output import HASH_CHUNK, MODEL_CARD, REMOTE_CODE, atomic_write, crash_point, save_journal
-from .plan import Plan, ShardPlan, TensorPlan, plan_command
-from .sources import DTYPES, FLOAT_CODES, TensorInfo, is_finite, nonfinite_error
+from .plan import Plan, ShardPlan, TensorPlan
+from .report import model_card
+from .tensors import DTYPES, FLOAT_CODES, TensorInfo, is_finite, nonfinite_error
 
 
 def write_metadata(plan: Plan, out: Path, journal: dict) -> None:
@@ -44,55 +45,6 @@ def write_metadata(plan: Plan, out: Path, journal: dict) -> None:
         atomic_write(out / name, data)
     journal["metadata"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     save_journal(out, journal)
-
-
-def model_card(plan: Plan, out_name: str) -> str:
-    smile = plan.config["smile"]
-    held: dict[str, list[int]] = {}
-    for module in smile["modules"].values():
-        for name, rank in zip(module["experts"], module["ranks"]):
-            held.setdefault(name, []).append(rank)
-    rows = []
-    for e in smile["experts"]:
-        ranks = held.get(e["name"], [])
-        span = f"{min(ranks)}-{max(ranks)}" if ranks and min(ranks) != max(ranks) else str(ranks[0] if ranks else "-")
-        rows.append(f"| {e['name']} | {e['kind']} | `{e['source']}` | {span} | {len(ranks)} |")
-    overhead = plan.added_params / max(plan.base_params, 1)
-    lines = [
-        "---",
-        f"base_model: {plan.base.source}",
-        "library_name: transformers",
-        "tags:",
-        "- smile",
-        "- mixture-of-experts",
-        "- merge",
-        "- smile-stream",
-        "---",
-        "",
-        f"# SMILE mixture of {len(smile['experts'])} low-rank experts on {plan.base.source}",
-        "",
-        "A zero-shot Sparse MIxture of Low-rank Experts (SMILE, arXiv 2408.10174) built by smile-stream: each "
-        "upscaled linear layer keeps the base weights and routes every token to its top-k experts, each a "
-        "low-rank factorisation of one fine-tune's weight delta.",
-        "",
-        f"- routing: gate rank {smile['gate_rank']}, top-{smile['top_k']}, {len(smile['modules'])} upscaled modules",
-        f"- parameters: {plan.base_params:,} base + {plan.added_params:,} expert ({overhead:.2%} overhead)",
-        "",
-        "| expert | kind | source | rank | modules |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
-        "## Load",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, device_map="auto")',
-        "```",
-        "",
-        "The remote code (`modeling_smile.py`) imports only torch and transformers.",
-    ]
-    lines += ["", "## Made with", "", "```", plan_command(plan, out_name), "```"]
-    return "\n".join(lines) + "\n"
 
 
 def write_shards(

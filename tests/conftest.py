@@ -1,3 +1,5 @@
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -8,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+# tools/synthetic.py makes the tiny models, adapters and full experts the tests convert
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 # The reference implementation's outputs, vendored from ../shared/reference (see its README). Named
 # here, not globbed: a missing file fails its tests instead of leaving an empty parametrisation.
@@ -23,8 +27,9 @@ def reference_file(case: str) -> Path:
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
-    """Builds tiny models on first use and caches them for the session: models(key) -> folder."""
-    from smile_stream import synthetic
+    """Builds tiny models on first use and caches them for the session: models(key, **kwargs) -> folder.
+    `key` is "family" (a base) or "family:name" (an expert of it: "lora..." or full)."""
+    import synthetic
 
     root = tmp_path_factory.mktemp("models")
     cache = {}
@@ -35,9 +40,11 @@ def models(tmp_path_factory):
     }
 
     def get(key: str, **kwargs) -> Path:
-        if key not in cache:
+        # keyed on every argument: the same name with other arguments is another model
+        cache_key = (key, json.dumps(kwargs, sort_keys=True, default=str))
+        if cache_key not in cache:
             family, _, kind = key.partition(":")
-            path = root / key.replace(":", "_")
+            path = root / f"{key.replace(':', '_')}-{hashlib.sha256(cache_key[1].encode()).hexdigest()[:8]}"
             if not kind:
                 recipes[family](path)
             else:
@@ -46,9 +53,8 @@ def models(tmp_path_factory):
                     synthetic.make_lora(path, base, **kwargs)
                 else:
                     synthetic.write_full_variant(path, base, **{"rank": 8, "bias_noise": 0.01, **kwargs})
-
-            cache[key] = path
-        return cache[key]
+            cache[cache_key] = path
+        return cache[cache_key]
 
     return get
 

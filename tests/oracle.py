@@ -12,28 +12,45 @@ from torch import nn
 
 
 class OracleSmileLinear(nn.Module):
-    def __init__(self, base: nn.Linear, experts: list[tuple[torch.Tensor, torch.Tensor | None, int]], gate_rank: int, top_k: int):
+    """DESIGN.md section 1 token by token in float64: y = W0 x + b0 + sum over the top_k experts of
+    p_i (approx_i x + db_i), with p the renormalised softmax of the router logits ||gate_i x||."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, experts: list[tuple], top_k: int):
+        """`experts`: (gate (g_i, in), approx (out, in), bias delta (out,) or None) per expert."""
         super().__init__()
-        self.w0 = base.weight.detach().double()
-        self.b0 = None if base.bias is None else base.bias.detach().double()
+        self.w0 = weight.detach().double()
+        self.b0 = None if bias is None else bias.detach().double()
         self.top_k = min(top_k, len(experts))
-        self.experts = []
+        self.experts = [
+            (g.detach().double(), a.detach().double(), None if b is None else b.detach().double()) for g, a, b in experts
+        ]
+
+    @classmethod
+    def from_deltas(
+        cls, base: nn.Linear, experts: list[tuple[torch.Tensor, torch.Tensor | None, int]], gate_rank: int, top_k: int
+    ):
+        """Experts given as dense deltas (delta, bias delta or None, rank): exact float64 SVD, truncated."""
+        factored = []
         for delta, bias_delta, rank in experts:
-            u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+            u, s, vh = torch.linalg.svd(delta.detach().double(), full_matrices=False)
             s = torch.where(s > s[0] * 1e-6, s, torch.zeros_like(s))  # null directions do not route
             gate = vh[:gate_rank] * (s[:gate_rank] > 0).double().unsqueeze(1)
-            approx = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
-            self.experts.append((gate, approx, None if bias_delta is None else bias_delta.double()))
+            factored.append((gate, u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank], bias_delta))
+        return cls(base.weight, base.bias, factored, top_k)
+
+    @classmethod
+    def from_factors(cls, weight, bias, downs, ups, gate_rank: int, top_k: int, bias_deltas=None):
+        """Experts given as factors: the gate is the first rows of each `down` as they are."""
+        deltas = bias_deltas or [None] * len(downs)
+        return cls(weight, bias, [(d[:gate_rank], u.double() @ d.double(), b) for d, u, b in zip(downs, ups, deltas)], top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = []
         for token in x.reshape(-1, x.shape[-1]).double():
             y = self.w0 @ token + (0 if self.b0 is None else self.b0)
             logits = torch.stack([torch.linalg.vector_norm(gate @ token) for gate, _, _ in self.experts])
-            probs = torch.softmax(logits, 0)
-            top, index = probs.topk(self.top_k)
-            top = top / top.sum()
-            for weight, i in zip(top.tolist(), index.tolist()):
+            top, index = torch.softmax(logits, 0).topk(self.top_k)
+            for weight, i in zip((top / top.sum()).tolist(), index.tolist()):
                 _, approx, bias = self.experts[i]
                 y = y + weight * (approx @ token + (0 if bias is None else bias))
             rows.append(y)
@@ -79,5 +96,5 @@ def oracle_model(base_folder, experts: list[dict], gate_rank: int, top_k: int, r
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         present = [e[name] for e in experts if name in e]
-        setattr(parent, child, OracleSmileLinear(getattr(parent, child), present, gate_rank, top_k))
+        setattr(parent, child, OracleSmileLinear.from_deltas(getattr(parent, child), present, gate_rank, top_k))
     return model.eval()

@@ -39,7 +39,7 @@ def test_base_must_be_a_model(refused, lora):
 
 
 def test_full_expert_of_other_architecture(refused, llama, tmp_path):
-    from smile_stream import synthetic
+    import synthetic
 
     narrow = synthetic.make_base(tmp_path / "narrow", "llama", hidden=32, intermediate=64)
     refused(llama, [("n", narrow)], "expert 'n' has hidden_size = 32 but the base has 64")
@@ -50,7 +50,7 @@ def test_full_expert_of_other_architecture(refused, llama, tmp_path):
 
 
 def test_lora_for_another_base(refused, llama, tmp_path):
-    from smile_stream import synthetic
+    import synthetic
 
     narrow = synthetic.make_base(tmp_path / "narrow", "llama", hidden=32, intermediate=64)
     adapter = synthetic.make_lora(tmp_path / "narrow_lora", narrow, r=4, targets=["q_proj"])
@@ -106,7 +106,7 @@ def test_lora_keys_and_ranks(refused, llama, lora, tmp_path):
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("use_dora", True, "use_dora is set. DoRA"),
+        ("use_dora", True, "of this DoRA adapter has no lora_magnitude_vector"),
         ("modules_to_save", ["lm_head"], "modules_to_save is set"),
         ("lora_bias", True, "lora_bias is set"),
         ("init_lora_weights", "pissa", "init_lora_weights is 'pissa'.*change the base weights"),
@@ -133,7 +133,7 @@ def test_adapter_tensors_that_are_not_plain_lora(refused, llama, lora, tmp_path)
         dora / "adapter_model.safetensors",
         lambda t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}),
     )
-    refused(llama, [("d", dora)], "lora_magnitude_vector.*DoRA")
+    refused(llama, [("d", dora)], "lora_magnitude_vector' is not a lora_A/lora_B weight.*DoRA magnitudes need use_dora = true")
     biased = copy(lora, tmp_path / "bias")
     edit_tensors(
         biased / "adapter_model.safetensors",

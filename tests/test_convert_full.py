@@ -118,7 +118,7 @@ def test_expert_with_added_tokens(models, tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 2}))
     out = tmp_path / "out"
     result = convert(str(base), [("x", str(folder))], out, Options(gate_rank=4, expert_rank=8, non_linear="average"), quiet=True)
-    from smile_stream.plan import non_target_notes
+    from smile_stream.report import non_target_notes
 
     notes = non_target_notes(result.plan)
     assert any("2 added tokens" in line for line in notes), notes

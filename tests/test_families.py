@@ -21,7 +21,7 @@ def family_outputs(models, tmp_path_factory):
 
     def get(family):
         if family not in cache:
-            from smile_stream import synthetic
+            import synthetic
 
             root = tmp_path_factory.mktemp(family)
             base = synthetic.make_base(root / "base", family, seed=7)
@@ -58,7 +58,7 @@ def test_phi3_fused_projections_are_upscaled(family_outputs):
 
 
 def test_gpt2_conv1d_is_refused_clearly(tmp_path):
-    from smile_stream import synthetic
+    import synthetic
 
     base = synthetic.make_base(tmp_path / "gpt2", "gpt2")
     adapter = synthetic.make_lora(tmp_path / "lora", base, r=4, targets=["c_attn"], fan_in_fan_out=True)

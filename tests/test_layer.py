@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import REFERENCE_CASES, reference_file
+from oracle import OracleSmileLinear
 from safetensors import safe_open
 from torch import nn
 
@@ -77,23 +78,9 @@ def test_uneven_ranks_and_low_rank_gate():
     (down, _), *_ = unpack_factors(layer.expert_down, layer.expert_up, layer.ranks, layer.gate_rank)
     assert down[2:8].abs().max() == 0
     x = torch.randn(5, 24)
-    y = layer(x)
-    expected = []
-    for token in x.double():
-        logits = []
-        for e, r in zip(experts, (2, 6, 9)):
-            u, s, vh = torch.linalg.svd((e.weight - base.weight).double().detach())
-            logits.append((vh[: min(4, r)] @ token).norm())
-        p = torch.softmax(torch.stack(logits), 0)
-        top, idx = p.topk(2)
-        top = top / top.sum()
-        out = base.weight.double() @ token + base.bias.double()
-        for w, i in zip(top, idx):
-            d = (experts[i].weight - base.weight).double()
-            u, s, vh = torch.linalg.svd(d.detach())
-            out = out + w * (u[:, :8] @ torch.diag(s[:8]) @ vh[:8] @ token)
-        expected.append(out)
-    torch.testing.assert_close(y.double(), torch.stack(expected).detach(), rtol=1e-4, atol=1e-5)
+    oracle = OracleSmileLinear.from_deltas(base, [(e.weight - base.weight, None, 8) for e in experts], gate_rank=4, top_k=2)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), oracle(x.double()), rtol=1e-4, atol=1e-5)
 
 
 def _small_layer(device="cpu", dtype=torch.float32, top_k=2):
@@ -105,20 +92,9 @@ def _small_layer(device="cpu", dtype=torch.float32, top_k=2):
 
 def _loop_oracle(layer, base, experts, x):
     """Per token: route on the experts' top gate directions, add the routed rank-16 approximations."""
-    out = []
-    for token in x.reshape(-1, x.shape[-1]).double().cpu():
-        logits, approx = [], []
-        for e in experts:
-            u, s, vh = torch.linalg.svd((e.weight - base.weight).double().detach())
-            logits.append((vh[:4] @ token).norm())
-            approx.append(u[:, :16] @ torch.diag(s[:16]) @ vh[:16] @ token + (e.bias - base.bias).double().detach())
-        p = torch.softmax(torch.stack(logits), 0)
-        top, idx = p.topk(layer.top_k)
-        top = top / top.sum()
-        out.append(
-            base.weight.double().detach() @ token + base.bias.double().detach() + sum(w * approx[i] for w, i in zip(top, idx))
-        )
-    return torch.stack(out).reshape(*x.shape[:-1], -1)
+    deltas = [(e.weight - base.weight, e.bias - base.bias, 16) for e in experts]
+    with torch.no_grad():
+        return OracleSmileLinear.from_deltas(base, deltas, gate_rank=4, top_k=layer.top_k)(x.double().cpu())
 
 
 def _each_path(layer, x):
@@ -158,19 +134,9 @@ def test_every_path_with_uneven_ranks_and_bias_deltas(top_k):
     deltas = [torch.randn(12, generator=g) for _ in range(3)]
     layer = SmileLinear.from_factors(weight, bias, downs, ups, gate_rank=4, top_k=top_k, bias_deltas=deltas)
     x = torch.randn(7, 20, generator=g)
-    expected = []
-    for token in x.double():
-        logits = torch.stack([(d[:4].double() @ token).norm() for d in downs])
-        top, idx = torch.softmax(logits, 0).topk(top_k)
-        out = weight.double() @ token + bias.double()
-        for w, i in zip(top / top.sum(), idx):
-            out += w * (ups[i].double() @ (downs[i].double() @ token) + deltas[i].double())
-        expected.append(out)
+    expected = OracleSmileLinear.from_factors(weight, bias, downs, ups, 4, top_k, deltas)(x.double())
     for name, y in _each_path(layer, x).items():
-        torch.testing.assert_close(
-            y.double(), torch.stack(expected), rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
-        )
-    assert layer.expert_down.shape == (15, 20) and layer.expert_up.shape == (15, 12)
+        torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_torch_compile_fullgraph():

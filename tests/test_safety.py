@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import synthetic
 import torch
 from click.testing import CliRunner
 from edits import copy, digest, edit_header, edit_json, edit_tensors
@@ -21,7 +22,7 @@ from oracle import lora_deltas, oracle_model
 from safetensors.torch import load_file, save_file
 
 import smile_stream
-from smile_stream import Options, SmileError, convert, synthetic
+from smile_stream import Options, SmileError, convert
 from smile_stream.cli import main
 from smile_stream.output import LOCK_FILE, OutputLock
 
@@ -468,7 +469,7 @@ def test_tied_base_whose_expert_changed_lm_head_is_reported(tmp_path):
         result = convert(
             str(base), [("e", str(expert))], tmp_path / non_linear, Options(gate_rank=4, non_linear=non_linear), quiet=True
         )
-        notes = "\n".join(smile_stream.plan.non_target_notes(result.plan))
+        notes = "\n".join(smile_stream.report.non_target_notes(result.plan))
         assert "lm_head.weight differs in e (10.00%): dropped: the base ties it to model.embed_tokens.weight" in notes
         assert smile_stream.verify(tmp_path / non_linear)[0] == []
 
@@ -489,7 +490,7 @@ def test_convert_never_finishes_a_folder_verify_rejects(refused, llama, lora, mo
     extra = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(8) for i in range(2)}
     edit_tensors(buffers / "model.safetensors", lambda t: t.update(extra))
     result = quick(buffers, lora, tmp_path / "out")
-    notes = "\n".join(smile_stream.plan.non_target_notes(result.plan))
+    notes = "\n".join(smile_stream.report.non_target_notes(result.plan))
     assert "base tensor model.layers.0.self_attn.rotary_emb.inv_freq is left out of the output" in notes
     assert smile_stream.verify(tmp_path / "out")[0] == []
 

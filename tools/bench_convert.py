@@ -96,10 +96,7 @@ def planned_bytes(base: Path, experts: list[Path], *options: str) -> tuple[int, 
     """The plan's predicted shard bytes, and the time the plan (all validation) takes in-process."""
     from smile_stream import Options, make_plan
 
-    settings = Options(gate_rank=8)
-    for flag, value in zip(options[::2], options[1::2]):
-        key = flag.removeprefix("--").replace("-", "_")
-        setattr(settings, key, int(value) if value.isdigit() else value)
+    settings = Options.from_argv(list(options))
     make_plan(str(base), [(f"e{i}", str(e)) for i, e in enumerate(experts)], settings)  # warm imports
     start = time.perf_counter()
     plan = make_plan(str(base), [(f"e{i}", str(e)) for i, e in enumerate(experts)], settings)

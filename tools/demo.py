@@ -17,10 +17,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def main() -> None:
+    import synthetic
     import torch
     import transformers
-
-    from smile_stream import synthetic
 
     demo = Path("build/demo")
     sizes = dict(hidden=256, layers=4, intermediate=688, vocab=320, heads=8, kv_heads=4)

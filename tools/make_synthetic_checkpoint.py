@@ -16,8 +16,9 @@ import argparse
 import time
 from pathlib import Path
 
-from smile_stream import synthetic
-from smile_stream.plan import parse_size
+import synthetic
+
+from smile_stream.options import parse_size
 
 
 def main() -> None:

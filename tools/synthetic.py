@@ -158,7 +158,7 @@ _POOL = 1 << 22
 def _random(shape: tuple[int, ...], name: str, seed: int, std: float = 0.02) -> torch.Tensor:
     """Gaussian-looking values, fast: a random rotation of a per-tensor pool of 4M normal draws,
     tiled (drawing 7 B normals one by one would dominate the benchmark set-up)."""
-    from .factorize import seed_for
+    from smile_stream.factorize import seed_for
 
     generator = torch.Generator().manual_seed(seed_for(name, str(seed)))
     n = math.prod(shape)
@@ -171,8 +171,8 @@ def _random(shape: tuple[int, ...], name: str, seed: int, std: float = 0.02) -> 
 
 def _stream(folder: Path, tensors: list, max_shard_size: int, produce, single_name: str = "model.safetensors") -> None:
     """Write tensors as Hugging Face does: one `single_name` file, or shards plus an index."""
-    from .plan import layout
-    from .write import write_index, write_shard
+    from smile_stream.plan import layout
+    from smile_stream.write import write_index, write_shard
 
     folder.mkdir(parents=True, exist_ok=True)
     shards = layout(tensors, max_shard_size)
@@ -188,8 +188,8 @@ def write_random_checkpoint(
     folder: str | Path, config, dtype: str = "bfloat16", max_shard_size: int = 5 * 10**9, seed: int = 0
 ) -> Path:
     """A Hugging Face checkpoint of `config` with random weights, written one tensor at a time."""
-    from .plan import TensorPlan
-    from .sources import DTYPE_CODES
+    from smile_stream.plan import TensorPlan
+    from smile_stream.tensors import DTYPE_CODES
 
     folder = Path(folder)
     config.architectures = config.architectures or [FAMILIES.get(config.model_type, ("", "MistralForCausalLM"))[1]]
@@ -209,7 +209,7 @@ def write_random_lora(
     with random A and B (B non-zero), written one tensor at a time."""
     import json
 
-    from .plan import TensorPlan
+    from smile_stream.plan import TensorPlan
 
     folder = Path(folder)
     targets = targets or PROJECTIONS
@@ -262,9 +262,9 @@ def write_full_variant(
     biases plus `bias_noise`; other tensors copied. One tensor at a time."""
     import shutil
 
-    from .factorize import seed_for
-    from .plan import TensorPlan
-    from .sources import Checkpoint
+    from smile_stream.factorize import seed_for
+    from smile_stream.plan import TensorPlan
+    from smile_stream.sources import Checkpoint
 
     base, folder = Path(base), Path(folder)
     checkpoint = Checkpoint(base, str(base))

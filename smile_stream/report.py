@@ -1,0 +1,118 @@
+"""Reports: what a person reads about a plan or a converted folder: the `--dry-run` summary, the
+notes about non-target tensors, the per-module summary `inspect` prints, and the model card."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .options import command_line
+from .plan import Plan
+
+
+def summarize_modules(smile: dict) -> list[str]:
+    """Upscaled modules grouped by their name with layer numbers elided, and the experts each holds."""
+    groups: dict[str, set] = {}
+    for name, spec in smile["modules"].items():
+        key = re.sub(r"\.\d+\.", ".N.", name)
+        groups.setdefault(key, set()).add(" ".join(f"{e}:r{r}" for e, r in zip(spec["experts"], spec["ranks"])))
+    layers = {m for name in smile["modules"] for m in re.findall(r"\.(\d+)\.", name)[:1]}
+    lines = [f"targets  {len(smile['modules'])} upscaled modules in {len(layers)} layers"]
+    for key, variants in sorted(groups.items()):
+        lines += [f"         {key:<40} {variant}" for variant in sorted(variants)]
+    return lines
+
+
+def non_target_notes(plan: Plan) -> list[str]:
+    """One line per non-target tensor that some full expert changed, with the relative difference,
+    per tensor only experts have, and per base tensor left out of the output."""
+    how = (
+        "averaged over the full experts"
+        if plan.options.non_linear == "average"
+        else "taken from the base (--non-linear average to average)"
+    )
+    lines = []
+    for tensor, diffs in sorted(plan.changed_non_targets.items()):
+        where = ", ".join(f"{e} ({d:.2%})" if math.isfinite(d) else e for e, d in diffs.items())
+        fate = f"dropped: {plan.expert_only[tensor]}" if tensor in plan.expert_only else how
+        verb = "differs in" if any(map(math.isfinite, diffs.values())) else "is only in"
+        lines.append(f"note     {tensor} {verb} {where}: {fate}")
+    for tensor, why in sorted(plan.dropped.items()):
+        lines.append(f"note     base tensor {tensor} is left out of the output: {why}")
+    base_vocab = plan.base.config.get("vocab_size")
+    for e in plan.experts:
+        vocab = e.source.config.get("vocab_size") if e.kind == "full" else None
+        if isinstance(vocab, int) and isinstance(base_vocab, int) and vocab > base_vocab:
+            lines.append(
+                f"note     expert {e.name} has {vocab - base_vocab} added tokens (vocab {vocab}, base {base_vocab}): their "
+                "embedding and output rows are dropped and the base tokenizer is kept"
+            )
+    return lines
+
+
+def describe(plan: Plan) -> str:
+    """A human summary of the plan: what `--dry-run` prints."""
+    lines = [f"base     {plan.base.source}  ({plan.base_params / 1e6:,.1f} M parameters)"]
+    for e in plan.experts:
+        held = sum(1 for m in plan.modules.values() if plan.experts.index(e) in m.experts)
+        lines.append(f"expert   {e.name:<12} {e.kind:<4}  {e.source.source}  in {held} modules")
+    opts = plan.options
+    lines.append(f"routing  gate rank {opts.gate_rank}, top-{opts.top_k}; device {plan.device}; svd {opts.svd}")
+    lines += summarize_modules(plan.config["smile"])
+    lines += non_target_notes(plan)
+    overhead = plan.added_params / max(plan.base_params, 1)
+    lines.append(
+        f"output   {plan.output_bytes / 1e6:,.1f} MB in {len(plan.shards)} shard(s); "
+        f"+{plan.added_params / 1e6:,.2f} M parameters ({overhead:.2%} over the base)"
+    )
+    return "\n".join(lines)
+
+
+def model_card(plan: Plan, out_name: str) -> str:
+    smile = plan.config["smile"]
+    held: dict[str, list[int]] = {}
+    for module in smile["modules"].values():
+        for name, rank in zip(module["experts"], module["ranks"]):
+            held.setdefault(name, []).append(rank)
+    rows = []
+    for e in smile["experts"]:
+        ranks = held.get(e["name"], [])
+        span = f"{min(ranks)}-{max(ranks)}" if ranks and min(ranks) != max(ranks) else str(ranks[0] if ranks else "-")
+        rows.append(f"| {e['name']} | {e['kind']} | `{e['source']}` | {span} | {len(ranks)} |")
+    overhead = plan.added_params / max(plan.base_params, 1)
+    lines = [
+        "---",
+        f"base_model: {plan.base.source}",
+        "library_name: transformers",
+        "tags:",
+        "- smile",
+        "- mixture-of-experts",
+        "- merge",
+        "- smile-stream",
+        "---",
+        "",
+        f"# SMILE mixture of {len(smile['experts'])} low-rank experts on {plan.base.source}",
+        "",
+        "A zero-shot Sparse MIxture of Low-rank Experts (SMILE, arXiv 2408.10174) built by smile-stream: each "
+        "upscaled linear layer keeps the base weights and routes every token to its top-k experts, each a "
+        "low-rank factorisation of one fine-tune's weight delta.",
+        "",
+        f"- routing: gate rank {smile['gate_rank']}, top-{smile['top_k']}, {len(smile['modules'])} upscaled modules",
+        f"- parameters: {plan.base_params:,} base + {plan.added_params:,} expert ({overhead:.2%} overhead)",
+        "",
+        "| expert | kind | source | rank | modules |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, device_map="auto")',
+        "```",
+        "",
+        "The remote code (`modeling_smile.py`) imports only torch and transformers.",
+    ]
+    command = command_line(plan.base.source, [(e.name, e.source.source) for e in plan.experts], out_name, plan.options)
+    lines += ["", "## Made with", "", "```", command, "```"]
+    return "\n".join(lines) + "\n"
