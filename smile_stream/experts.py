@@ -7,8 +7,8 @@ dense delta for the truncated-SVD engine), its bias deltas, what to read ahead, 
 non-target tensors it changed. Plan, factorize, convert and verify loop over experts without
 asking what kind they are.
 
-To add a kind: subclass `Expert`, set `kind` and `engine`, implement `accepts` and the methods
-its engine needs, and put it in `KINDS` before the kinds it refines.
+To add a kind: subclass `Expert`, set `kind`, `engine` and `reads` (or override `accepts`),
+implement the methods its engine needs, and put it in `KINDS` before the kinds it refines.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class Expert:
 
     kind: ClassVar[str]
     engine: ClassVar[str]  # "qr": exact factors from LoRA operands; "svd": truncated SVD of a dense delta
+    reads: ClassVar[type]  # the kind of input folder it is made from
     source: Checkpoint | LoraAdapter
 
     def __init__(self, name: str, source: Checkpoint | LoraAdapter):
@@ -48,7 +49,7 @@ class Expert:
 
     @classmethod
     def accepts(cls, source: Checkpoint | LoraAdapter) -> bool:
-        raise NotImplementedError
+        return isinstance(source, cls.reads)
 
     def touches(self, base: Checkpoint, linears: dict, targets: Targets) -> tuple[dict[str, int], set[str]]:
         """{target module it changes: the delta's largest possible rank}, and the modules whose bias
@@ -92,13 +93,12 @@ class Expert:
 class LoraExpert(Expert):
     """A PEFT LoRA adapter: delta = scale * B @ A, factored exactly from A and B."""
 
-    kind = "lora"
-    engine = "qr"
+    kind, engine, reads = "lora", "qr", LoraAdapter
     source: LoraAdapter
 
     @classmethod
     def accepts(cls, source: Checkpoint | LoraAdapter) -> bool:
-        return isinstance(source, LoraAdapter) and not source.dora
+        return super().accepts(source) and not source.dora
 
     def touches(self, base: Checkpoint, linears: dict, targets: Targets) -> tuple[dict[str, int], set[str]]:
         adapter, where = self.source, self.source.folder / ADAPTER_WEIGHTS
@@ -144,8 +144,7 @@ class DoraExpert(LoraExpert):
     so delta = (m / ||W'||_row) * W' - W0: dense, factored by the truncated SVD like a full fine-tune.
     Its default rank is the adapter's r (the magnitude's change is approximated at that rank)."""
 
-    kind = "dora"
-    engine = "svd"
+    kind, engine = "dora", "svd"
 
     @classmethod
     def accepts(cls, source: Checkpoint | LoraAdapter) -> bool:
@@ -172,13 +171,8 @@ class DoraExpert(LoraExpert):
 class FullExpert(Expert):
     """A full fine-tune: delta = W_i - W0 per target module, factored by a truncated SVD."""
 
-    kind = "full"
-    engine = "svd"
+    kind, engine, reads = "full", "svd", Checkpoint
     source: Checkpoint
-
-    @classmethod
-    def accepts(cls, source: Checkpoint | LoraAdapter) -> bool:
-        return isinstance(source, Checkpoint)
 
     def check_architecture(self, base: Checkpoint) -> None:
         config = self.source.folder / "config.json"
