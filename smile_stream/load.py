@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import fields
 from .errors import SmileError
-from .modeling_smile import EXPERT_TENSORS, INDEX_FILE, check_complete, check_format, smile_model_class
+from .modeling_smile import EXPERT_TENSORS, INDEX_FILE, ROUTING_MODES, check_complete, check_format, smile_model_class
 from .report import summarize_modules
 from .sources import input_path, load_json
 from .tensors import read_safetensors_header
@@ -39,6 +39,8 @@ def check_smile_section(smile: dict, where: Path) -> None:
     """The fields of config.json's `smile` section, each of its own type (else a SmileError)."""
     for key, kinds in (("gate_rank", "int"), ("top_k", "int"), ("experts", "list"), ("modules", "dict"), ("base", "str")):
         fields.get(smile, key, kinds, f"{where}: smile")
+    if fields.get(smile, "routing", "str", f"{where}: smile", "module") not in ROUTING_MODES:
+        raise SmileError(f"{where}: smile.routing is {smile['routing']!r}; choose one of {', '.join(ROUTING_MODES)}.")
     for i, expert in enumerate(smile["experts"]):
         at = f"{where}: smile.experts[{i}]"
         fields.check(expert, "dict", at)
@@ -64,14 +66,18 @@ def model_class(path: str | os.PathLike) -> tuple[type, object]:
     return smile_model_class(getattr(transformers, config.architectures[0])), config
 
 
-def load_model(path: str | os.PathLike, **kwargs):
+def load_model(path: str | os.PathLike, routing: str | None = None, **kwargs):
     """Load a converted folder with the package's own SMILE layer (no remote code needed).
 
-    Keyword arguments go to `from_pretrained`, e.g. `device_map="auto"`, `dtype=torch.bfloat16`,
+    `routing` overrides the folder's routing mode ("module", "token" or "sequence"). Keyword
+    arguments go to `from_pretrained`, e.g. `device_map="auto"`, `dtype=torch.bfloat16`,
     `max_memory=...`.
     """
     cls, config = model_class(path)
-    return cls.from_pretrained(path, config=config, **kwargs)
+    model = cls.from_pretrained(path, config=config, **kwargs)
+    if routing is not None:
+        model.set_smile_routing(routing)
+    return model
 
 
 def inspect_output(path: str | os.PathLike) -> str:

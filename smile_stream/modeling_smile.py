@@ -10,6 +10,16 @@ For a token x, with experts i = 1..E present at this module:
     p   = softmax(l), keep the top_k largest, renormalise them to sum 1
     y   = W0 x + b0 + sum_{i in top_k} p_i (U_i S_i V_i^T x + db_i)
 
+Routing modes (`config.smile["routing"]`, changeable after loading with `model.set_smile_routing`):
+    module    the paper's: each module routes each token on its own logits (the default, and the
+              only mode of folders made before modes existed; matches the reference implementation)
+    token     each module selects the experts with the largest evidence e_i = l_i / ||x|| averaged
+              over the modules this token has passed so far in the forward pass (itself included)
+    sequence  the same evidence summed causally over the sequence's earlier tokens too (padding
+              excluded), per sequence: the state of a generation, kept with its KV cache
+In the pooled modes the pooled evidence picks the experts and the module's own softmax over l,
+renormalised over the picked experts, weights them (exactly 1 for top-1).
+
 Checkpoint layout of one upscaled module `<m>` (base keys stay unchanged):
     <m>.weight       (out, in)      base weight W0
     <m>.bias         (out,)         base bias b0, when the base has one
@@ -27,6 +37,7 @@ compared with per-expert blocks of `expert_down` and an (out, sum k_i) `expert_u
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -38,6 +49,7 @@ from torch import nn
 SMILE_FORMAT_VERSION = 2
 INDEX_FILE = "model.safetensors.index.json"
 EXPERT_TENSORS = ("expert_down", "expert_up", "expert_bias")  # suffixes of an upscaled module's expert tensors
+ROUTING_MODES = ("module", "token", "sequence")
 
 
 def low_rank_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +110,52 @@ def unpack_factors(
     ]
 
 
+class RoutingState:
+    """Evidence pooled across the SMILE modules of one model ("token" and "sequence" routing).
+
+    Per forward pass: `running` (tokens, E), each token's evidence summed over the modules it has
+    passed, and `presence` (E,), how many of those modules hold each expert (the average is taken
+    over them). For "sequence" also `history`: per module turn, (batch, E) evidence of the
+    sequence's tokens of earlier forward passes at that turn, which travels with the KV cache
+    (reordered with it in beam search), so decoding token by token routes exactly as one pass.
+    """
+
+    def __init__(self, mode: str, num_experts: int):
+        self.mode, self.num_experts = mode, num_experts
+        self.begin(None, None, None)
+
+    def begin(self, shape: tuple[int, int] | None, mask: torch.Tensor | None, history: dict | None) -> None:
+        """A new forward pass over (batch, tokens) with its padding mask, continuing `history` or not."""
+        self.shape, self.mask, self.history = shape, mask, {} if history is None else history
+        self.running = self.presence = None
+        self.turn = 0
+
+    @torch.no_grad()
+    def pooled(self, experts: list[int], evidence: torch.Tensor) -> torch.Tensor:
+        """This module's evidence (tokens, E_m) for its experts (global indices) -> pooled scores."""
+        n = evidence.shape[0]
+        if self.running is None or self.running.shape[0] != n:
+            self.running = torch.zeros(n, self.num_experts, dtype=torch.float64, device=evidence.device)
+            self.presence = torch.zeros(self.num_experts, dtype=torch.float64, device=evidence.device)
+        ids = torch.tensor(experts, device=self.running.device)
+        self.running.index_add_(1, ids, evidence.to(self.running.device, torch.float64))
+        self.presence[ids] += 1
+        scores = self.running
+        if self.mode == "sequence":
+            batch = self.shape[0] if self.shape and self.shape[0] * self.shape[1] == n else 1
+            per_token = self.running.view(batch, n // batch, -1)
+            if self.mask is not None and self.mask.shape == per_token.shape[:2]:
+                per_token = per_token * self.mask.to(per_token.device, per_token.dtype).unsqueeze(-1)
+            scores = per_token.cumsum(1)
+            earlier = self.history.get(self.turn)
+            if earlier is not None:
+                scores = scores + earlier.to(scores.device).unsqueeze(1)
+            self.history[self.turn] = scores[:, -1]
+            self.turn += 1
+            scores = scores.view(n, -1)
+        return (scores[:, ids] / self.presence[ids]).to(evidence.device)
+
+
 class SmileLinear(nn.Module):
     """A linear layer `W0 x + b0` plus a routed sparse mixture of low-rank experts.
 
@@ -138,6 +196,9 @@ class SmileLinear(nn.Module):
         # path that has no host synchronisation.
 
         self._uniform = len(set(self.ranks)) == 1 and self.ranks[0] >= self.gate_rank
+        # pooled routing: the model's shared state, and this module's experts as global indices
+        self.routing: RoutingState | None = None
+        self.expert_ids = list(range(len(self.ranks)))
 
     @property
     def num_experts(self) -> int:
@@ -204,13 +265,13 @@ class SmileLinear(nn.Module):
             f"gate_rank={self.gate_rank}, top_k={self.top_k}"
         )
 
-    def routing_weights(self, logits: torch.Tensor) -> torch.Tensor:
+    def routing_weights(self, logits: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Router logits (tokens, E) -> dense routing weights (tokens, E), zero outside the top_k."""
         probs = torch.softmax(logits.float(), dim=-1)
-        if self.top_k == self.num_experts:
+        if self.top_k == self.num_experts and self.routing is None:
             return probs
-        top, index = probs.topk(self.top_k, dim=-1)
-        return torch.zeros_like(probs).scatter(-1, index, top / top.sum(-1, keepdim=True))
+        top, index = self._top(logits.float(), tokens)
+        return torch.zeros_like(probs).scatter(-1, index, top)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -234,12 +295,21 @@ class SmileLinear(nn.Module):
             return gate.view(-1, self.num_experts, self.gate_rank).float().norm(dim=-1)
         return torch.stack([gate[:, rows].float().norm(dim=-1) for rows, _, _ in self._rows], -1)
 
-    def _top(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router logits (tokens, E) -> the renormalised top-k weights and expert indices (tokens, top_k)."""
+    def _top(self, logits: torch.Tensor, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits (tokens, E) -> the renormalised top-k weights and expert indices (tokens, top_k).
+        With pooled routing (and the tokens given) the pooled evidence picks the experts."""
+        chooser = logits
+        if self.routing is not None and tokens is not None:
+            norms = torch.linalg.vector_norm(tokens.float(), dim=-1, keepdim=True).clamp_min(1e-12)
+            chooser = self.routing.pooled(self.expert_ids, logits.float() / norms)
         if self.top_k == 1:  # the renormalised weight of a single choice is exactly 1
-            index = logits.argmax(dim=-1, keepdim=True)
+            index = chooser.argmax(dim=-1, keepdim=True)
             return torch.ones(index.shape, dtype=logits.dtype, device=logits.device), index
-        top, index = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
+        if chooser is logits:
+            top, index = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
+        else:
+            index = chooser.topk(self.top_k, dim=-1).indices
+            top = torch.softmax(logits, dim=-1).gather(-1, index)
         return top / top.sum(-1, keepdim=True), index
 
     def _route_one(self, gate: list[float]) -> list[tuple[int, float]]:
@@ -259,7 +329,12 @@ class SmileLinear(nn.Module):
         # first part of the expert's down-projection. Few tensor ops, all matrix-vector products.
         down, up = self.expert_down, self.expert_up
         gate = F.linear(tokens, down[: self._gate_size])
-        for expert, weight in self._route_one(gate.tolist()[0]):
+        if self.routing is None:
+            choices = self._route_one(gate.tolist()[0])
+        else:
+            top, index = self._top(self._logits(gate), tokens)
+            choices = zip(index[0].tolist(), top[0].tolist())
+        for expert, weight in choices:
             gate_rows, rest_rows, up_rows = self._rows[expert]
             h = gate[:, gate_rows]
             if rest_rows.stop > rest_rows.start:
@@ -272,7 +347,7 @@ class SmileLinear(nn.Module):
         # Prefill on the CPU, top_k < E: route first, then per expert two small matmuls over the
         # tokens routed to it (sorted by expert), so each token only pays for its own experts.
         gate = F.linear(tokens, self.expert_down[: self._gate_size])
-        top, index = self._top(self._logits(gate))
+        top, index = self._top(self._logits(gate), tokens)
         experts = index.reshape(-1)
         order = torch.argsort(experts, stable=True)
         rows = order // self.top_k  # the token of each (token, choice) pair, grouped by expert
@@ -296,7 +371,7 @@ class SmileLinear(nn.Module):
         # gives the logits; reordered to the experts' order and scaled by the routing weights,
         # one matmul adds all experts.
         h = F.linear(tokens, self.expert_down)
-        weights = self.routing_weights(self._logits(h[:, : self._gate_size])).to(h.dtype)
+        weights = self.routing_weights(self._logits(h[:, : self._gate_size]), tokens).to(h.dtype)
         h = torch.cat([h[:, rows] for gate, rest, _ in self._rows for rows in (gate, rest)], 1)
         scale = torch.cat([weights[:, i : i + 1].expand(-1, rank) for i, rank in enumerate(self.ranks)], 1)
         out.addmm_(h.mul_(scale), self.expert_up)
@@ -308,7 +383,7 @@ class SmileLinear(nn.Module):
         # free of host synchronisation, for CUDA graphs and torch.compile.
         n, e, g, k = tokens.shape[0], self.num_experts, self.gate_rank, self.ranks[0]
         gate = F.linear(tokens, self.expert_down[: e * g])
-        top, index = self._top(self._logits(gate))
+        top, index = self._top(self._logits(gate), tokens)
         flat = index.reshape(-1)
         rest = self.expert_down[e * g :].view(e, k - g, self.in_features)[flat].view(n, self.top_k, k - g, -1)
         h = torch.cat(
@@ -334,8 +409,10 @@ def check_format(smile: dict) -> None:
 
 
 def upscale_modules(model: nn.Module, smile: dict) -> None:
-    """Replace each module named in `smile["modules"]` by an (uninitialised) SmileLinear of the same shape."""
+    """Replace each module named in `smile["modules"]` by an (uninitialised) SmileLinear of the same
+    shape, and set up the routing mode the folder asks for."""
     check_format(smile)
+    names = [e["name"] for e in smile["experts"]]
     for name, spec in smile["modules"].items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -351,7 +428,61 @@ def upscale_modules(model: nn.Module, smile: dict) -> None:
             device=old.weight.device,
             dtype=old.weight.dtype,
         )
+        layer.expert_ids = [names.index(e) for e in spec["experts"]]
         setattr(parent, child, layer)
+    set_routing(model, smile.get("routing", "module"), len(names))
+
+
+def set_routing(model: nn.Module, mode: str, num_experts: int) -> RoutingState | None:
+    """Give every SmileLinear of `model` one shared RoutingState for `mode` (None for "module")."""
+    if mode not in ROUTING_MODES:
+        raise ValueError(f"routing mode {mode!r}: choose one of {', '.join(ROUTING_MODES)}")
+    state = RoutingState(mode, num_experts) if mode != "module" else None
+    for module in model.modules():
+        if isinstance(module, SmileLinear):
+            module.routing = state
+    model._smile_routing = state
+    return state
+
+
+def _begin_forward(state: RoutingState, args: tuple, kwargs: dict) -> None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    shape = tuple((ids if ids is not None else embeds).shape[:2]) if ids is not None or embeds is not None else None
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if mask is not None and (mask.dim() != 2 or shape is None):
+        mask = None
+    elif mask is not None:
+        mask = mask[:, -shape[1] :]
+    cache = _cache_in(kwargs)
+    continuing = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
+    state.begin(shape, mask, getattr(cache, "_smile_history", None) if continuing else None)
+
+
+def _cache_in(mapping) -> object:
+    # transformers 5 names the KV cache `cache`; 4.x and early 5.x `past_key_values`
+    for name in ("cache", "past_key_values"):
+        if mapping.get(name) is not None:
+            return mapping[name]
+    return None
+
+
+def _keep_history(state: RoutingState, cache: object) -> None:
+    # The sequence's evidence travels with its KV cache: reordered with it for beam search.
+    if state.mode != "sequence" or cache is None or not hasattr(cache, "reorder_cache"):
+        return
+    cache._smile_history = state.history
+    if not getattr(cache, "_smile_reorders", False):
+        reorder = cache.reorder_cache
+
+        def reorder_with_history(beam_idx: torch.Tensor) -> None:
+            reorder(beam_idx)
+            history = cache._smile_history
+            for turn, evidence in history.items():
+                history[turn] = evidence.index_select(0, beam_idx.to(evidence.device))
+
+        cache.reorder_cache = reorder_with_history
+        cache._smile_reorders = True
 
 
 def check_complete(folder: str | os.PathLike) -> None:
@@ -385,8 +516,29 @@ def smile_model_class(base_class: type) -> type:
             check_complete(pretrained_model_name_or_path)
             return base_class.from_pretrained.__func__(cls, pretrained_model_name_or_path, *args, **kwargs)
 
+        @functools.wraps(base_class.forward)  # generate() reads the signature to choose its inputs
+        def forward(self, *args, **kwargs):
+            state = self._smile_routing
+            if state is None:
+                return base_class.forward(self, *args, **kwargs)
+            _begin_forward(state, args, kwargs)
+            output = base_class.forward(self, *args, **kwargs)
+            _keep_history(state, _cache_in(output) if hasattr(output, "get") else None)
+            return output
+
+        def set_smile_routing(self, mode: str) -> None:
+            """Switch the routing mode ("module", "token" or "sequence") of this loaded model."""
+            set_routing(self, mode, len(self.config.smile["experts"]))
+            self.config.smile["routing"] = mode
+
         name = "Smile" + base_class.__name__
-        namespace = {"__init__": __init__, "from_pretrained": from_pretrained, "__module__": __name__}
+        namespace = {
+            "__init__": __init__,
+            "from_pretrained": from_pretrained,
+            "forward": forward,
+            "set_smile_routing": set_smile_routing,
+            "__module__": __name__,
+        }
         _MODEL_CLASSES[base_class] = type(name, (base_class,), namespace)
     return _MODEL_CLASSES[base_class]
 

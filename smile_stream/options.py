@@ -14,6 +14,7 @@ import torch
 
 from . import fields
 from .errors import SmileError
+from .modeling_smile import ROUTING_MODES
 
 
 def option(default, help: str, choices: tuple[str, ...] | None = None, kind: str | None = None, flag: bool = False):
@@ -28,6 +29,11 @@ class Options:
 
     gate_rank: int = option(8, "Router rank g: each expert's first g directions score it.")
     top_k: int = option(1, "Experts per token.")
+    routing: str = option(
+        "module",
+        "How tokens pick experts: per module (the paper's), pooled over the modules of a token, or also over the sequence.",
+        ROUTING_MODES,
+    )
     expert_rank: int | None = option(None, "Truncate experts to this rank (default: each LoRA's own r; 128 for full fine-tunes).")
     dtype: str | None = option(None, "Output dtype (default: the base's).", ("float32", "float16", "bfloat16"))
     max_shard_size: int = option(5 * 10**9, "Largest shard, e.g. 5GB (default), 500MB, 2GiB.", kind="size")

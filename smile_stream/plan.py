@@ -267,6 +267,7 @@ def _output_config(base: Checkpoint, arch: str, experts: list[Expert], modules: 
         "base": base.source,
         "gate_rank": options.gate_rank,
         "top_k": options.top_k,
+        "routing": options.routing,
         "experts": [{"name": e.name, "kind": e.kind, "source": e.source.source} for e in experts],
         "modules": {
             m.name: {"experts": [experts[i].name for i in m.experts], "ranks": m.ranks, "expert_bias": m.expert_bias}

@@ -11,6 +11,43 @@ import transformers
 from torch import nn
 
 
+class OraclePool:
+    """Routing evidence shared by the oracle modules of one model, written from the definition.
+
+    For token t at module m (in the order the forward pass reaches them), with e_i(m', t) =
+    l_i(m', t) / ||x_t|| and n_i(m) the modules up to m that hold expert i:
+      token:    score_i = sum over modules m' <= m holding i of e_i(m', t), / n_i(m)
+      sequence: the same summed over the sequence's non-padding tokens t' <= t as well.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.start(None, None)
+
+    def start(self, shape, mask):
+        self.shape, self.mask = shape, mask
+        self.running: dict[tuple[int, int], dict[int, float]] = {}
+        self.presence: dict[int, int] = {}
+
+    def scores(self, experts: list[int], evidence: list[list[float]]) -> list[list[float]]:
+        batch, length = self.shape
+        for i in experts:
+            self.presence[i] = self.presence.get(i, 0) + 1
+        for n, row in enumerate(evidence):
+            sums = self.running.setdefault(divmod(n, length), {})
+            for i, value in zip(experts, row):
+                sums[i] = sums.get(i, 0.0) + value
+        out = []
+        for n in range(len(evidence)):
+            b, t = divmod(n, length)
+            if self.mode == "token":
+                keys = [(b, t)]
+            else:
+                keys = [(b, u) for u in range(t + 1) if self.mask is None or self.mask[b][u]]
+            out.append([sum(self.running[k].get(i, 0.0) for k in keys) / self.presence[i] for i in experts])
+        return out
+
+
 class OracleSmileLinear(nn.Module):
     """DESIGN.md section 1 token by token in float64: y = W0 x + b0 + sum over the top_k experts of
     p_i (approx_i x + db_i), with p the renormalised softmax of the router logits ||gate_i x||."""
@@ -18,6 +55,8 @@ class OracleSmileLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, experts: list[tuple], top_k: int):
         """`experts`: (gate (g_i, in), approx (out, in), bias delta (out,) or None) per expert."""
         super().__init__()
+        self.pool: OraclePool | None = None  # pooled routing: shared with the model's other oracle modules
+        self.expert_ids = list(range(len(experts)))
         self.w0 = weight.detach().double()
         self.b0 = None if bias is None else bias.detach().double()
         self.top_k = min(top_k, len(experts))
@@ -45,11 +84,17 @@ class OracleSmileLinear(nn.Module):
         return cls(weight, bias, [(d[:gate_rank], u.double() @ d.double(), b) for d, u, b in zip(downs, ups, deltas)], top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1]).double()
+        logits = [torch.stack([torch.linalg.vector_norm(gate @ token) for gate, _, _ in self.experts]) for token in tokens]
+        chooser = logits
+        if self.pool is not None:
+            evidence = [(row / torch.linalg.vector_norm(token)).tolist() for row, token in zip(logits, tokens)]
+            chooser = [torch.tensor(row, dtype=torch.float64) for row in self.pool.scores(self.expert_ids, evidence)]
         rows = []
-        for token in x.reshape(-1, x.shape[-1]).double():
+        for token, row, choose in zip(tokens, logits, chooser):
             y = self.w0 @ token + (0 if self.b0 is None else self.b0)
-            logits = torch.stack([torch.linalg.vector_norm(gate @ token) for gate, _, _ in self.experts])
-            top, index = torch.softmax(logits, 0).topk(self.top_k)
+            index = choose.topk(self.top_k).indices
+            top = torch.softmax(row, 0)[index]
             for weight, i in zip((top / top.sum()).tolist(), index.tolist()):
                 _, approx, bias = self.experts[i]
                 y = y + weight * (approx @ token + (0 if bias is None else bias))
@@ -85,16 +130,28 @@ def full_deltas(base_folder, expert_folder) -> dict[str, tuple[torch.Tensor, tor
     return out
 
 
-def oracle_model(base_folder, experts: list[dict], gate_rank: int, top_k: int, rank: int | None = None):
+def oracle_model(base_folder, experts: list[dict], gate_rank: int, top_k: int, routing: str = "module"):
     """The base model in float64 with every touched linear replaced by an OracleSmileLinear.
 
-    `experts`: dicts {module: (delta, bias_delta or None, rank)} in expert order.
+    `experts`: dicts {module: (delta, bias_delta or None, rank)} in expert order. With pooled
+    `routing`, call it as model(ids, attention_mask=...) for one whole forward pass.
     """
     model = transformers.AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float64)
+    pool = OraclePool(routing) if routing != "module" else None
     modules = sorted({m for e in experts for m in e})
     for name in modules:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         present = [e[name] for e in experts if name in e]
-        setattr(parent, child, OracleSmileLinear.from_deltas(getattr(parent, child), present, gate_rank, top_k))
+        layer = OracleSmileLinear.from_deltas(getattr(parent, child), present, gate_rank, top_k)
+        layer.pool, layer.expert_ids = pool, [i for i, e in enumerate(experts) if name in e]
+        setattr(parent, child, layer)
+    if pool is not None:
+        forward = model.forward
+
+        def pooled_forward(input_ids, attention_mask=None, **kwargs):
+            pool.start(tuple(input_ids.shape), None if attention_mask is None else attention_mask.tolist())
+            return forward(input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+
+        model.forward = pooled_forward
     return model.eval()
