@@ -27,7 +27,13 @@ def setup(models, tmp_path_factory):
     outs = {}
     for mode in MODES:
         outs[mode] = root / mode
-        convert(str(base), [(n, str(p)) for n, p in experts], outs[mode], Options(gate_rank=2, top_k=1, expert_rank=8, routing=mode), quiet=True)
+        convert(
+            str(base),
+            [(n, str(p)) for n, p in experts],
+            outs[mode],
+            Options(gate_rank=2, top_k=1, expert_rank=8, routing=mode),
+            quiet=True,
+        )
     deltas = [
         {m: (d, None, 4) for m, d in lora_deltas(base, experts[0][1]).items()},
         {m: (d, None, 6) for m, d in lora_deltas(base, experts[1][1]).items()},
