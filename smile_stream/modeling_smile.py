@@ -13,8 +13,9 @@ For a token x, with experts i = 1..E present at this module:
 Routing modes (`config.smile["routing"]`, changeable after loading with `model.set_smile_routing`):
     module    the paper's: each module routes each token on its own logits (the default, and the
               only mode of folders made before modes existed; matches the reference implementation)
-    token     each module selects the experts with the largest evidence e_i = l_i / ||x|| averaged
-              over the modules this token has passed so far in the forward pass (itself included)
+    token     each module selects the experts with the largest evidence e_i = l_i / sum_j l_j (the
+              module's share for expert i; scale-free, and free to compute) averaged over the
+              modules this token has passed so far in the forward pass (itself included)
     sequence  the same evidence summed causally over the sequence's earlier tokens too (padding
               excluded), per sequence: the state of a generation, kept with its KV cache
 In the pooled modes the pooled evidence picks the experts and the module's own softmax over l,
@@ -113,11 +114,13 @@ def unpack_factors(
 class RoutingState:
     """Evidence pooled across the SMILE modules of one model ("token" and "sequence" routing).
 
-    Per forward pass: `running` (tokens, E), each token's evidence summed over the modules it has
-    passed, and `presence` (E,), how many of those modules hold each expert (the average is taken
-    over them). For "sequence" also `history`: per module turn, (batch, E) evidence of the
-    sequence's tokens of earlier forward passes at that turn, which travels with the KV cache
-    (reordered with it in beam search), so decoding token by token routes exactly as one pass.
+    Per forward pass: `running`, each token's evidence summed over the modules it has passed, and
+    `presence`, how many of those modules hold each expert (the average is taken over them). For
+    "sequence" also `history`: per module turn, the evidence of the sequence's tokens of earlier
+    forward passes at that turn, (batch, E), which travels with the KV cache (reordered with it in
+    beam search), so decoding token by token routes exactly as one pass over the whole sequence.
+    One token of one sequence (CPU decoding) takes `pooled_one`: the same sums in Python floats,
+    since a handful of tensor ops per module would cost more than the whole routing arithmetic.
     """
 
     def __init__(self, mode: str, num_experts: int):
@@ -128,6 +131,8 @@ class RoutingState:
         """A new forward pass over (batch, tokens) with its padding mask, continuing `history` or not."""
         self.shape, self.mask, self.history = shape, mask, {} if history is None else history
         self.running = self.presence = None
+        self.running_one, self.presence_one = [0.0] * self.num_experts, [0] * self.num_experts
+        self.real_one = mask is None or bool(mask.reshape(-1)[-1])
         self.turn = 0
 
     @torch.no_grad()
@@ -149,11 +154,25 @@ class RoutingState:
             scores = per_token.cumsum(1)
             earlier = self.history.get(self.turn)
             if earlier is not None:
-                scores = scores + earlier.to(scores.device).unsqueeze(1)
+                scores = scores + torch.as_tensor(earlier, dtype=scores.dtype).to(scores.device).view(batch, 1, -1)
             self.history[self.turn] = scores[:, -1]
             self.turn += 1
             scores = scores.view(n, -1)
         return (scores[:, ids] / self.presence[ids]).to(evidence.device)
+
+    def pooled_one(self, experts: list[int], evidence: list[float]) -> list[float]:
+        """`pooled` for one token of one sequence, in Python floats."""
+        running, presence = self.running_one, self.presence_one
+        for i, value in zip(experts, evidence):
+            running[i] += value
+            presence[i] += 1
+        if self.mode == "sequence":
+            earlier = self.history.get(self.turn)
+            earlier = earlier.reshape(-1).tolist() if torch.is_tensor(earlier) else earlier or [0.0] * len(running)
+            running = [h + r for h, r in zip(earlier, running)] if self.real_one else earlier
+            self.history[self.turn] = running
+            self.turn += 1
+        return [running[i] / presence[i] for i in experts]
 
 
 class SmileLinear(nn.Module):
@@ -300,8 +319,8 @@ class SmileLinear(nn.Module):
         With pooled routing (and the tokens given) the pooled evidence picks the experts."""
         chooser = logits
         if self.routing is not None and tokens is not None:
-            norms = torch.linalg.vector_norm(tokens.float(), dim=-1, keepdim=True).clamp_min(1e-12)
-            chooser = self.routing.pooled(self.expert_ids, logits.float() / norms)
+            shares = logits.float() / logits.float().sum(-1, keepdim=True).clamp_min(1e-30)
+            chooser = self.routing.pooled(self.expert_ids, shares)
         if self.top_k == 1:  # the renormalised weight of a single choice is exactly 1
             index = chooser.argmax(dim=-1, keepdim=True)
             return torch.ones(index.shape, dtype=logits.dtype, device=logits.device), index
@@ -317,10 +336,15 @@ class SmileLinear(nn.Module):
         right after the base matmul has streamed the weight through the caches, every extra tensor
         op costs tens of microseconds, more than this arithmetic on E * g numbers."""
         logits = [math.hypot(*gate[rows]) for rows, _, _ in self._rows]
+        chooser = logits
+        if self.routing is not None:
+            total = sum(logits) or 1e-30
+            chooser = self.routing.pooled_one(self.expert_ids, [value / total for value in logits])
         if self.top_k == 1:
-            return [(max(range(len(logits)), key=logits.__getitem__), 1.0)]
-        chosen = sorted(range(len(logits)), key=lambda i: -logits[i])[: self.top_k]
-        scores = [math.exp(logits[i] - logits[chosen[0]]) for i in chosen]
+            return [(max(range(len(chooser)), key=chooser.__getitem__), 1.0)]
+        chosen = sorted(range(len(chooser)), key=lambda i: -chooser[i])[: self.top_k]
+        best = max(logits[i] for i in chosen)
+        scores = [math.exp(logits[i] - best) for i in chosen]
         return [(i, score / sum(scores)) for i, score in zip(chosen, scores)]
 
     def _add_one(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
@@ -329,12 +353,7 @@ class SmileLinear(nn.Module):
         # first part of the expert's down-projection. Few tensor ops, all matrix-vector products.
         down, up = self.expert_down, self.expert_up
         gate = F.linear(tokens, down[: self._gate_size])
-        if self.routing is None:
-            choices = self._route_one(gate.tolist()[0])
-        else:
-            top, index = self._top(self._logits(gate), tokens)
-            choices = zip(index[0].tolist(), top[0].tolist())
-        for expert, weight in choices:
+        for expert, weight in self._route_one(gate.tolist()[0]):
             gate_rows, rest_rows, up_rows = self._rows[expert]
             h = gate[:, gate_rows]
             if rest_rows.stop > rest_rows.start:
@@ -479,6 +498,8 @@ def _keep_history(state: RoutingState, cache: object) -> None:
             reorder(beam_idx)
             history = cache._smile_history
             for turn, evidence in history.items():
+                evidence = torch.as_tensor(evidence, dtype=torch.float64)
+                evidence = evidence.unsqueeze(0) if evidence.dim() == 1 else evidence  # one sequence's, as floats
                 history[turn] = evidence.index_select(0, beam_idx.to(evidence.device))
 
         cache.reorder_cache = reorder_with_history

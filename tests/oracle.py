@@ -15,7 +15,7 @@ class OraclePool:
     """Routing evidence shared by the oracle modules of one model, written from the definition.
 
     For token t at module m (in the order the forward pass reaches them), with e_i(m', t) =
-    l_i(m', t) / ||x_t|| and n_i(m) the modules up to m that hold expert i:
+    l_i(m', t) / sum_j l_j(m', t) (the module's share) and n_i(m) the modules up to m holding i:
       token:    score_i = sum over modules m' <= m holding i of e_i(m', t), / n_i(m)
       sequence: the same summed over the sequence's non-padding tokens t' <= t as well.
     """
@@ -88,7 +88,7 @@ class OracleSmileLinear(nn.Module):
         logits = [torch.stack([torch.linalg.vector_norm(gate @ token) for gate, _, _ in self.experts]) for token in tokens]
         chooser = logits
         if self.pool is not None:
-            evidence = [(row / torch.linalg.vector_norm(token)).tolist() for row, token in zip(logits, tokens)]
+            evidence = [(row / row.sum()).tolist() for row in logits]
             chooser = [torch.tensor(row, dtype=torch.float64) for row in self.pool.scores(self.expert_ids, evidence)]
         rows = []
         for token, row, choose in zip(tokens, logits, chooser):

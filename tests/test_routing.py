@@ -133,3 +133,19 @@ def test_routing_can_change_after_loading(setup):
         model.set_smile_routing("bogus")
     with pytest.raises(SmileError, match="--routing 'bogus': choose module, token, sequence"):
         convert(str(base), [("a", str(outs["module"]))], outs["module"].parent / "x", Options(routing="bogus"), quiet=True)
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_one_sequence_decoded_token_by_token(setup, mode):
+    # one token of one sequence takes the layer's Python decode path: the same routing as one pass
+    _, _, outs = setup
+    model = smile_stream.load_model(outs[mode])
+    ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        whole = model(ids).logits
+        out = model(ids[:, :3], use_cache=True)
+        steps = [out.logits]
+        for t in range(3, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-4, atol=1e-4)

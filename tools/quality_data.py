@@ -15,7 +15,7 @@ from pathlib import Path
 SYSTEM = "Answer with the answer only."
 COUNTRIES = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Japan": "Tokyo", "China": "Beijing", "India": "Delhi", "Russia": "Moscow", "Egypt": "Cairo",
+    "Japan": "Tokyo", "China": "Beijing", "India": "New Delhi", "Russia": "Moscow", "Egypt": "Cairo",
     "Greece": "Athens", "Poland": "Warsaw", "Austria": "Vienna", "Ireland": "Dublin", "Norway": "Oslo",
     "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Belgium": "Brussels",
     "Netherlands": "Amsterdam", "Hungary": "Budapest", "Czechia": "Prague", "Turkey": "Ankara",
