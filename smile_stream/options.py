@@ -30,8 +30,9 @@ class Options:
     gate_rank: int = option(8, "Router rank g: each expert's first g directions score it.")
     top_k: int = option(1, "Experts per token.")
     routing: str = option(
-        "module",
-        "How tokens pick experts: per module (the paper's), pooled over the modules of a token, or also over the sequence.",
+        "sequence",
+        "How tokens pick experts: per module (the paper's), pooled over a token's modules, or also over the "
+        "sequence (default: the best in the quality study).",
         ROUTING_MODES,
     )
     expert_rank: int | None = option(None, "Truncate experts to this rank (default: each LoRA's own r; 128 for full fine-tunes).")

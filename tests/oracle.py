@@ -130,12 +130,16 @@ def full_deltas(base_folder, expert_folder) -> dict[str, tuple[torch.Tensor, tor
     return out
 
 
-def oracle_model(base_folder, experts: list[dict], gate_rank: int, top_k: int, routing: str = "module"):
+def oracle_model(base_folder, experts: list[dict], gate_rank: int, top_k: int, routing: str | None = None):
     """The base model in float64 with every touched linear replaced by an OracleSmileLinear.
 
-    `experts`: dicts {module: (delta, bias_delta or None, rank)} in expert order. With pooled
-    `routing`, call it as model(ids, attention_mask=...) for one whole forward pass.
+    `experts`: dicts {module: (delta, bias_delta or None, rank)} in expert order. `routing`: the
+    mode to follow (default: the conversion default, Options().routing); with a pooled mode, call
+    it as model(ids, attention_mask=...) for one whole forward pass.
     """
+    from smile_stream import Options
+
+    routing = routing or Options().routing
     model = transformers.AutoModelForCausalLM.from_pretrained(str(base_folder), dtype=torch.float64)
     pool = OraclePool(routing) if routing != "module" else None
     modules = sorted({m for e in experts for m in e})

@@ -186,7 +186,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("exact-match accuracy (held-out items)")
     ax.set_title("SmolLM2-135M-Instruct: experts, merges and SMILE routing modes")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
