@@ -22,11 +22,12 @@ test: install
 demo: install
 	$(PY) tools/demo.py
 
-# Reduced benchmarks, about 6 minutes on 2 cores (see README, Benchmarks; `--full` variants there).
+# Reduced benchmarks, about 9 minutes on 2 cores (see README, Benchmarks; `--full` variants there).
 bench: install
 	$(PY) tools/bench_convert.py
 	$(PY) tools/bench_svd.py --quick
 	$(PY) tools/bench_layer.py --quick
+	$(PY) tools/bench_decode.py --quick
 
 
 # The real-model quality study (not part of `make test`): SmolLM2-135M-Instruct from PyPI (its GGUF
