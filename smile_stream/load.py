@@ -95,7 +95,9 @@ def inspect_output(path: str | os.PathLike) -> str:
                 added += n
             else:
                 base += n
-    lines = [f"{folder}: SMILE format {config['format_version']}, gate rank {config['gate_rank']}, top-{config['top_k']}"]
+    lines = [
+        f"{folder}: SMILE format {config['format_version']}, gate rank {config['gate_rank']}, top-{config['top_k']}, routing {config.get('routing', 'module')}"
+    ]
     for expert in config["experts"]:
         lines.append(f"expert   {expert['name']:<12} {expert['kind']:<4}  {expert['source']}")
     lines += summarize_modules(config)

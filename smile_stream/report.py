@@ -57,7 +57,7 @@ def describe(plan: Plan) -> str:
         held = sum(1 for m in plan.modules.values() if plan.experts.index(e) in m.experts)
         lines.append(f"expert   {e.name:<12} {e.kind:<4}  {e.source.source}  in {held} modules")
     opts = plan.options
-    lines.append(f"routing  gate rank {opts.gate_rank}, top-{opts.top_k}; device {plan.device}; svd {opts.svd}")
+    lines.append(f"routing  {opts.routing}, gate rank {opts.gate_rank}, top-{opts.top_k}; device {plan.device}; svd {opts.svd}")
     lines += summarize_modules(plan.config["smile"])
     lines += non_target_notes(plan)
     overhead = plan.added_params / max(plan.base_params, 1)
@@ -97,7 +97,7 @@ def model_card(plan: Plan, out_name: str) -> str:
         "upscaled linear layer keeps the base weights and routes every token to its top-k experts, each a "
         "low-rank factorisation of one fine-tune's weight delta.",
         "",
-        f"- routing: gate rank {smile['gate_rank']}, top-{smile['top_k']}, {len(smile['modules'])} upscaled modules",
+        f"- routing: {smile['routing']}, gate rank {smile['gate_rank']}, top-{smile['top_k']}, {len(smile['modules'])} upscaled modules",
         f"- parameters: {plan.base_params:,} base + {plan.added_params:,} expert ({overhead:.2%} overhead)",
         "",
         "| expert | kind | source | rank | modules |",
