@@ -85,13 +85,8 @@ def smile_folder(work: Path, kind: str, experts_: dict[str, Path]) -> Path:
 
     out = work / f"smile-{kind}"
     rank = None if kind == "lora" else 128
-    convert(
-        str(work / "base"),
-        [(t, str(p)) for t, p in experts_.items()],
-        out,
-        Options(gate_rank=8, top_k=1, expert_rank=rank),
-        quiet=True,
-    )
+    options = Options(gate_rank=8, top_k=1, expert_rank=rank)  # each routing mode is set when loading
+    convert(str(work / "base"), [(t, str(p)) for t, p in experts_.items()], out, options, overwrite=True, quiet=True)
     return out
 
 
