@@ -167,15 +167,19 @@ def is_finite(tensor: torch.Tensor) -> bool:
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
-    """`tensor` in `dtype`, refusing values that overflow it (finite before the cast, Inf after)."""
+    """`tensor` in `dtype`, checked finite: every tensor the writer does not copy comes through here.
+    Values that overflow `dtype` (finite before the cast, Inf after) are told apart from NaN or Inf
+    that were there already (a damaged input, or a computation that diverged)."""
     result = tensor.to(dtype)
-    if result.is_floating_point() and not is_finite(result) and is_finite(tensor):
-        peak = float(tensor.abs().max())
-        raise SmileError(
-            f"{what} has values up to {peak:.4g}, which do not fit {str(dtype).removeprefix('torch.')} (largest "
-            f"{torch.finfo(dtype).max:.4g}). Choose a wider output dtype: --dtype bfloat16 or float32."
-        )
-    return result
+    if is_finite(result):
+        return result
+    if not is_finite(tensor):
+        raise SmileError(f"{what}: the computed tensor holds NaN or Inf; an input it is made from is damaged.")
+    peak = float(tensor.abs().max())
+    raise SmileError(
+        f"{what} has values up to {peak:.4g}, which do not fit {str(dtype).removeprefix('torch.')} (largest "
+        f"{torch.finfo(dtype).max:.4g}). Choose a wider output dtype: --dtype bfloat16 or float32."
+    )
 
 
 def nonfinite_error(info: TensorInfo) -> SmileError:

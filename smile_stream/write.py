@@ -79,9 +79,15 @@ def write_shards(
             for future in commits:
                 if future.done():
                     future.result()  # a failed commit (disk full at fsync, NaN found late) stops the run
-            writer = ShardWriter(shard, path, worker)
-            writer.fill(produce, number)
-            commits.append(worker.submit(commit, shard, writer, number))
+            writer, handed_over = ShardWriter(shard, path, worker), False
+            try:
+                writer.fill(produce, number)
+                commits.append(worker.submit(commit, shard, writer, number))
+                handed_over = True
+            except BaseException:  # also a signal between the last byte and the hand-over: drop the file
+                if not handed_over:
+                    writer.abandon()
+                raise
         for future in commits:
             future.result()
     write_index(out, plan.shards, {"smile_plan_hash": plan.hash}, crash="index")
@@ -111,23 +117,21 @@ class ShardWriter:
         self.tmp = path.with_name(path.name + ".partial")
         self.hasher = hashlib.sha256()
         self.pending: list[Future] = []
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd: int | None = None
         self.written = 0
 
     def fill(self, produce: Callable[[TensorPlan], torch.Tensor], number: int = 0) -> None:
         try:
+            # opened inside the try: a Ctrl-C or SIGTERM right after the open still removes the file
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._append(len(self.shard.header).to_bytes(8, "little") + self.shard.header)
             for position, tensor in enumerate(self.shard.tensors):
                 if tensor.role == "copy":
                     self._copy(tensor.source)
                 else:
-                    data = produce(tensor)
+                    data = produce(tensor)  # checked finite by tensors.cast, where it was made
                     if tuple(data.shape) != tensor.shape:
                         raise RuntimeError(f"{tensor.name}: produced shape {tuple(data.shape)}, planned {tensor.shape}")
-                    if not is_finite(data):
-                        raise SmileError(
-                            f"{tensor.name}: the computed tensor holds NaN or Inf; an input of {tensor.module or tensor.name} is damaged."
-                        )
                     self._append(memoryview(data.contiguous().view(-1).view(torch.uint8).numpy()))
                 if position == 0:
                     crash_point(f"shard-{number}-mid")
@@ -180,8 +184,10 @@ class ShardWriter:
     def abandon(self) -> None:
         for future in self.pending:
             future.cancel()
+        fd, self.fd = self.fd, None  # idempotent: never close a descriptor number twice
         try:
-            os.close(self.fd)
+            if fd is not None:
+                os.close(fd)
         except OSError:
             pass
         self.tmp.unlink(missing_ok=True)  # never leave a half-written shard behind an error we survive

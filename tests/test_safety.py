@@ -613,3 +613,14 @@ def test_verify_notices_edited_metadata(inputs, tmp_path):
         edit(folder)
         problems, _ = smile_stream.verify(folder)
         assert any(match in p for p in problems), (name, problems)
+
+
+def test_computed_tensors_are_checked_where_they_are_made():
+    # every tensor the writer does not copy passes tensors.cast: overflow and damage told apart
+    from smile_stream.tensors import cast
+
+    with pytest.raises(SmileError, match="x has values up to 7e\\+04, which do not fit float16"):
+        cast(torch.tensor([1.0, 7e4]), torch.float16, "x")
+    with pytest.raises(SmileError, match="y: the computed tensor holds NaN or Inf"):
+        cast(torch.tensor([1.0, float("nan")]), torch.float16, "y")
+    assert cast(torch.tensor([1.5]), torch.bfloat16, "z").dtype == torch.bfloat16
