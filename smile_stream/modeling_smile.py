@@ -295,12 +295,12 @@ class SmileLinear(nn.Module):
             f"gate_rank={self.gate_rank}, top_k={self.top_k}"
         )
 
-    def routing_weights(self, logits: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def routing_weights(self, logits: torch.Tensor, pool: bool = False) -> torch.Tensor:
         """Router logits (tokens, E) -> dense routing weights (tokens, E), zero outside the top_k."""
         probs = torch.softmax(logits.float(), dim=-1)
         if self.top_k == self.num_experts and self.routing is None:
             return probs
-        top, index = self._top(logits.float(), tokens)
+        top, index = self._top(logits.float(), pool)
         return torch.zeros_like(probs).scatter(-1, index, top)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,12 +325,14 @@ class SmileLinear(nn.Module):
             return gate.view(-1, self.num_experts, self.gate_rank).float().norm(dim=-1)
         return torch.stack([gate[:, rows].float().norm(dim=-1) for rows, _, _ in self._rows], -1)
 
-    def _top(self, logits: torch.Tensor, tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _top(self, logits: torch.Tensor, pool: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits (tokens, E) -> the renormalised top-k weights and expert indices (tokens, top_k).
-        With pooled routing (and the tokens given) the pooled evidence picks the experts."""
+        With `pool` (the forward paths; once per module and pass) and a pooled routing mode, the
+        pooled evidence picks the experts."""
         chooser = logits
-        if self.routing is not None and tokens is not None:
-            shares = logits.float() / logits.float().sum(-1, keepdim=True).clamp_min(1e-30)
+        if self.routing is not None and pool:
+            logits = logits.float()
+            shares = logits / logits.sum(-1, keepdim=True).clamp_min(1e-30)
             chooser = self.routing.pooled(self.expert_ids, shares)
         if self.top_k == 1:  # the renormalised weight of a single choice is exactly 1
             index = chooser.argmax(dim=-1, keepdim=True)
@@ -377,7 +379,7 @@ class SmileLinear(nn.Module):
         # Prefill on the CPU, top_k < E: route first, then per expert two small matmuls over the
         # tokens routed to it (sorted by expert), so each token only pays for its own experts.
         gate = F.linear(tokens, self.expert_down[: self._gate_size])
-        top, index = self._top(self._logits(gate), tokens)
+        top, index = self._top(self._logits(gate), pool=True)
         experts = index.reshape(-1)
         order = torch.argsort(experts, stable=True)
         rows = order // self.top_k  # the token of each (token, choice) pair, grouped by expert
@@ -401,7 +403,7 @@ class SmileLinear(nn.Module):
         # gives the logits; reordered to the experts' order and scaled by the routing weights,
         # one matmul adds all experts.
         h = F.linear(tokens, self.expert_down)
-        weights = self.routing_weights(self._logits(h[:, : self._gate_size]), tokens).to(h.dtype)
+        weights = self.routing_weights(self._logits(h[:, : self._gate_size]), pool=True).to(h.dtype)
         h = torch.cat([h[:, rows] for gate, rest, _ in self._rows for rows in (gate, rest)], 1)
         scale = torch.cat([weights[:, i : i + 1].expand(-1, rank) for i, rank in enumerate(self.ranks)], 1)
         out.addmm_(h.mul_(scale), self.expert_up)
@@ -413,7 +415,7 @@ class SmileLinear(nn.Module):
         # free of host synchronisation, for CUDA graphs and torch.compile.
         n, e, g, k = tokens.shape[0], self.num_experts, self.gate_rank, self.ranks[0]
         gate = F.linear(tokens, self.expert_down[: e * g])
-        top, index = self._top(self._logits(gate), tokens)
+        top, index = self._top(self._logits(gate), pool=True)
         flat = index.reshape(-1)
         rest = self.expert_down[e * g :].view(e, k - g, self.in_features)[flat].view(n, self.top_k, k - g, -1)
         h = torch.cat(

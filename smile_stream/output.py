@@ -26,7 +26,7 @@ from pathlib import Path
 from . import fields
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE, SMILE_FORMAT_VERSION
-from .plan import COPIED_FILES, Plan, explain_changes
+from .plan import COPIED_FILES, SHARD_NAME, Plan, explain_changes
 
 JOURNAL = "smile-journal.json"
 LOCK_FILE = "smile-stream.lock"
@@ -37,7 +37,7 @@ HASH_CHUNK = 1 << 24
 # ones by size, mtime and inode, since hashing a 15 GB base on every run costs more than it saves.
 HASHED_INPUT_BYTES = 512 << 20
 _OWN_NAMES = {JOURNAL, INDEX_FILE, "config.json", REMOTE_CODE, MODEL_CARD, *COPIED_FILES}
-_SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_SHARD_PATTERN = re.compile(re.escape(SHARD_NAME).replace(re.escape("{:05d}"), r"\d{5}"))  # any shard name plan gives
 
 
 def crash_point(name: str) -> None:

@@ -623,4 +623,4 @@ def test_computed_tensors_are_checked_where_they_are_made():
         cast(torch.tensor([1.0, 7e4]), torch.float16, "x")
     with pytest.raises(SmileError, match="y: the computed tensor holds NaN or Inf"):
         cast(torch.tensor([1.0, float("nan")]), torch.float16, "y")
-    assert cast(torch.tensor([1.5]), torch.bfloat16, "z").dtype == torch.bfloat16
+    assert cast(torch.tensor([1.5, -2.0]), torch.bfloat16, "z").tolist() == [1.5, -2.0]  # a fitting cast passes untouched
