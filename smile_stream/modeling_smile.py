@@ -139,15 +139,18 @@ class RoutingState:
 
     @torch.no_grad()
     def pooled(self, experts: list[int], evidence: torch.Tensor) -> torch.Tensor:
-        """This module's evidence (tokens, E_m) for its experts (global indices) -> pooled scores."""
-        n = evidence.shape[0]
+        """This module's evidence (tokens, E_m) for its experts (global indices) -> pooled scores,
+        used only to pick experts (so a scale shared by all of them is left out)."""
+        n, device = evidence.shape[0], evidence.device
         if self.running is None or self.running.shape[0] != n:
             self.running = torch.zeros(n, self.num_experts, dtype=torch.float64, device=evidence.device)
-        key = (tuple(experts), self.running.device)
-        if key not in self._index:
-            self._index[key] = torch.tensor(experts, device=self.running.device)
-        ids = self._index[key]
-        self.running.index_add_(1, ids, evidence.to(self.running.device, torch.float64))
+        everyone = len(experts) == self.num_experts  # experts are listed in order: no indexing
+        ids = None if everyone else self._ids(experts)
+        evidence = evidence.to(self.running.device, torch.float64)
+        if everyone:
+            self.running.add_(evidence)
+        else:
+            self.running.index_add_(1, ids, evidence)
         for i in experts:
             self.presence[i] += 1
         scores = self.running
@@ -160,12 +163,24 @@ class RoutingState:
                 scores = scores.cumsum(1)
             earlier = self.history.get(self.turn)
             if earlier is not None:
-                scores = scores + torch.as_tensor(earlier, dtype=scores.dtype).to(scores.device).view(batch, 1, -1)
+                if not torch.is_tensor(earlier):  # left by `pooled_one`
+                    earlier = torch.tensor(earlier, dtype=scores.dtype)
+                scores = scores + earlier.to(scores.device).view(batch, 1, -1)
             self.history[self.turn] = scores[:, -1]
             self.turn += 1
             scores = scores.view(n, -1)
-        divisor = torch.tensor([self.presence[i] for i in experts], dtype=torch.float64, device=scores.device)
-        return (scores.index_select(1, ids) / divisor).to(evidence.device)
+        if not everyone:
+            scores = scores.index_select(1, ids)
+        counts = [self.presence[i] for i in experts]
+        if min(counts) != max(counts):  # the average over the modules holding each expert
+            scores = scores / torch.tensor(counts, dtype=scores.dtype, device=scores.device)
+        return scores.to(device)
+
+    def _ids(self, experts: list[int]) -> torch.Tensor:
+        key = (tuple(experts), self.running.device)
+        if key not in self._index:
+            self._index[key] = torch.tensor(experts, device=self.running.device)
+        return self._index[key]
 
     def pooled_one(self, experts: list[int], evidence: list[float]) -> list[float]:
         """`pooled` for one token of one sequence, in Python floats."""
@@ -297,23 +312,26 @@ class SmileLinear(nn.Module):
 
     def routing_weights(self, logits: torch.Tensor, pool: bool = False) -> torch.Tensor:
         """Router logits (tokens, E) -> dense routing weights (tokens, E), zero outside the top_k."""
-        probs = torch.softmax(logits.float(), dim=-1)
+        logits = logits.float()
         if self.top_k == self.num_experts and self.routing is None:
-            return probs
-        top, index = self._top(logits.float(), pool)
-        return torch.zeros_like(probs).scatter(-1, index, top)
+            return torch.softmax(logits, dim=-1)
+        top, index = self._top(logits, pool)
+        return torch.zeros_like(logits).scatter_(-1, index, top)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One token on the CPU without autograd (decoding): the packed single-GEMV path, see
+        # `_decode_pack`. The checks are ordered cheapest first: they run 210 times per token.
+        if x.numel() == self.in_features and not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling():
+            pack, params = self.__dict__.get("_pack"), self._parameters
+            if pack is None or pack[0] != (params["weight"].data_ptr(), params["expert_down"]._version):
+                pack = self._decode_pack()
+            if pack is not None:
+                return self._decode_one(x, pack)
         y = F.linear(x, self.weight, self.bias)
-        # The checks are ordered and the paths written for few tensor ops: see `_route_one`.
-        eager_cpu = x.is_cpu and not torch.compiler.is_compiling()
-        if eager_cpu and x.numel() == self.in_features and (self.top_k == 1 or not torch.is_grad_enabled()):
-            self._add_one(x.reshape(1, -1), y.view(1, -1))
-            return y
         tokens, out = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
         if self._uniform and tokens.shape[0] * self.top_k < self.num_experts:
             self._add_sparse(tokens, out)
-        elif eager_cpu and self.top_k < self.num_experts and self._grouping_pays:
+        elif x.is_cpu and self.top_k < self.num_experts and self._grouping_pays and not torch.compiler.is_compiling():
             self._add_grouped(tokens, out)
         else:
             self._add_dense(tokens, out)
@@ -344,11 +362,10 @@ class SmileLinear(nn.Module):
             top = torch.softmax(logits, dim=-1).gather(-1, index)
         return top / top.sum(-1, keepdim=True), index
 
-    def _route_one(self, gate: list[float]) -> list[tuple[int, float]]:
-        """One token's router section -> its (expert, weight) pairs, computed in Python: on a CPU,
+    def _route_one(self, logits: list[float]) -> list[tuple[int, float]]:
+        """One token's router logits -> its (expert, weight) pairs, computed in Python: on a CPU,
         right after the base matmul has streamed the weight through the caches, every extra tensor
-        op costs tens of microseconds, more than this arithmetic on E * g numbers."""
-        logits = [math.hypot(*gate[rows]) for rows, _, _ in self._rows]
+        op costs several microseconds, more than this arithmetic on E numbers."""
         chooser = logits
         if self.routing is not None:
             total = sum(logits) or 1e-30
@@ -360,20 +377,56 @@ class SmileLinear(nn.Module):
         scores = [math.exp(logits[i] - best) for i in chosen]
         return [(i, score / sum(scores)) for i, score in zip(chosen, scores)]
 
-    def _add_one(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
-        # Decoding one token on the CPU (memory-bound): read the router section, then only the
-        # selected experts' remaining down rows and up rows, in place; the gate values are the
-        # first part of the expert's down-projection. Few tensor ops, all matrix-vector products.
-        down, up = self.expert_down, self.expert_up
-        gate = F.linear(tokens, down[: self._gate_size])
-        for expert, weight in self._route_one(gate.tolist()[0]):
-            gate_rows, rest_rows, up_rows = self._rows[expert]
-            h = gate[:, gate_rows]
-            if rest_rows.stop > rest_rows.start:
-                h = torch.cat([h, F.linear(tokens, down[rest_rows])], 1)
-            out.addmm_(h, up[up_rows], alpha=weight)
+    def _decode_pack(self) -> tuple | None:
+        """The single-token CPU layout, built on first use and whenever the parameters change.
+
+        One token of one sequence is memory-bound, and every tensor op after the base GEMV costs
+        several microseconds (more than its bytes), so the layer does three: one GEMV over a
+        buffer holding W0 and then each expert's down rows (router rows first) as one block, the
+        transfer of those sum k_i values to Python for routing, and one addmm per routed expert
+        with its contiguous rows of `expert_up`. `weight` and `bias` become views of that buffer
+        (no second copy of W0); the down rows are a copy in per-expert order (sum k_i rows, small
+        next to W0). Not built for modules whose weights accelerate offloads (they move each call).
+        """
+        weight, bias, down, up = self.weight, self.bias, self.expert_down, self.expert_up
+        hook = getattr(self, "_hf_hook", None)
+        if weight.device.type != "cpu" or getattr(hook, "offload", False):
+            return None
+        blocks, gates, experts, start = [weight.detach()], [], [], self.out_features
+        for gate_rows, rest_rows, up_rows in self._rows:
+            blocks += [down.detach()[gate_rows], down.detach()[rest_rows]]
+            rank = up_rows.stop - up_rows.start
+            gates.append((start - self.out_features, start - self.out_features + gate_rows.stop - gate_rows.start))
+            experts.append((start, start + rank, up.detach()[up_rows]))
+            start += rank
+        with torch.no_grad():
+            fused = torch.cat(blocks)
+            weight.data = fused[: self.out_features]
+            fused_bias = None
+            if bias is not None:
+                fused_bias = torch.cat([bias.detach(), bias.new_zeros(start - self.out_features)])
+                bias.data = fused_bias[: self.out_features]
+        pack = ((weight.data_ptr(), down._version), fused, fused_bias, gates, experts)
+        self.__dict__["_pack"] = pack
+        return pack
+
+    def _decode_one(self, x: torch.Tensor, pack: tuple) -> torch.Tensor:
+        _, fused, fused_bias, gates, experts = pack
+        full = F.linear(x, fused, fused_bias)
+        flat = full.view(-1)
+        values = flat[self.out_features :].tolist()
+        out = flat[: self.out_features].view(1, -1)
+        for expert, weight in self._route_one([math.hypot(*values[first:last]) for first, last in gates]):
+            start, stop, up = experts[expert]
+            out.addmm_(flat[start:stop].view(1, -1), up, alpha=weight)
             if self.expert_bias is not None:
                 out.add_(self.expert_bias[expert], alpha=weight)
+        return full[..., : self.out_features]
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, torch.Tensor) or name in self.__dict__.get("_parameters", ()):
+            self.__dict__.pop("_pack", None)  # a parameter replaced
+        super().__setattr__(name, value)
 
     def _add_grouped(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
         # Prefill on the CPU, top_k < E: route first, then per expert two small matmuls over the
@@ -404,11 +457,20 @@ class SmileLinear(nn.Module):
         # one matmul adds all experts.
         h = F.linear(tokens, self.expert_down)
         weights = self.routing_weights(self._logits(h[:, : self._gate_size]), pool=True).to(h.dtype)
-        h = torch.cat([h[:, rows] for gate, rest, _ in self._rows for rows in (gate, rest)], 1)
-        scale = torch.cat([weights[:, i : i + 1].expand(-1, rank) for i, rank in enumerate(self.ranks)], 1)
-        out.addmm_(h.mul_(scale), self.expert_up)
+        order, owner = self._dense_order(h.device)
+        out.addmm_(h.index_select(1, order).mul_(weights.index_select(1, owner)), self.expert_up)
         if self.expert_bias is not None:
             out.addmm_(weights, self.expert_bias)
+
+    def _dense_order(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index tensors (cached per device): the columns of `expert_down`'s output in expert order
+        (each expert's gate rows, then its remaining rows), and the expert owning each of them."""
+        cached = self.__dict__.setdefault("_orders", {})
+        if device not in cached:
+            order = [row for gate, rest, _ in self._rows for rows in (gate, rest) for row in range(rows.start, rows.stop)]
+            owner = [i for i, rank in enumerate(self.ranks) for _ in range(rank)]
+            cached[device] = (torch.tensor(order, device=device), torch.tensor(owner, device=device))
+        return cached[device]
 
     def _add_sparse(self, tokens: torch.Tensor, out: torch.Tensor) -> None:
         # Decoding elsewhere (same-rank experts): gathers of the selected experts' blocks keep this

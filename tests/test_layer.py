@@ -104,9 +104,9 @@ def _each_path(layer, x):
         paths["grouped"] = layer._add_grouped
     if layer._uniform:
         paths["sparse"] = layer._add_sparse
-    paths["one"] = lambda t, out: [layer._add_one(t[i : i + 1], out[i : i + 1]) for i in range(t.shape[0])]
     with torch.no_grad():
-        results = {"forward": layer(x)}
+        results = {"forward": layer(x), "one": torch.cat([layer(x[i : i + 1]) for i in range(x.shape[0])])}
+        assert "_pack" in layer.__dict__, "one token without autograd takes the packed decode path"
         for name, add in paths.items():
             results[name] = torch.nn.functional.linear(x, layer.weight, layer.bias)
             add(x, results[name])
@@ -137,6 +137,45 @@ def test_every_path_with_uneven_ranks_and_bias_deltas(top_k):
     expected = OracleSmileLinear.from_factors(weight, bias, downs, ups, 4, top_k, deltas)(x.double())
     for name, y in _each_path(layer, x).items():
         torch.testing.assert_close(y.double(), expected, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_decoding_follows_every_change_to_the_parameters():
+    # One token without autograd packs W0 and the down rows into one buffer; whatever happens to
+    # the parameters afterwards (an in-place load, a dtype change, a replaced parameter) the output
+    # must still be the oracle's for the parameters the layer holds then.
+    layer, base, experts = _small_layer(top_k=1)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+
+    def decode():
+        with torch.no_grad():
+            return torch.cat([layer(x[i : i + 1].to(layer.weight.dtype)) for i in range(x.shape[0])]).double()
+
+    def oracle():
+        factors = unpack_factors(layer.expert_down.detach(), layer.expert_up.detach(), layer.ranks, 4)
+        deltas = list(layer.expert_bias.detach())
+        weight, bias = layer.weight.detach(), layer.bias.detach()
+        return OracleSmileLinear.from_factors(weight, bias, *zip(*factors), 4, 1, deltas)(x.double())
+
+    saved = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    torch.testing.assert_close(decode(), oracle(), rtol=1e-4, atol=5e-5)
+    packed = layer.__dict__["_pack"][1]
+    assert layer.weight.data_ptr() == packed.data_ptr(), "W0 lives in the packed buffer, not twice"
+    for name, tensor in layer.state_dict().items():  # what a save writes is unchanged
+        assert tensor.shape == saved[name].shape and torch.equal(tensor, saved[name]), name
+
+    other, _, _ = _small_layer(top_k=1)
+    with torch.no_grad():
+        other.expert_down.mul_(-3.0)
+        other.weight.add_(1.0)
+    layer.load_state_dict(other.state_dict())  # in place into the packed views and expert_down
+    torch.testing.assert_close(decode(), oracle(), rtol=1e-4, atol=5e-5)
+    with torch.no_grad():
+        layer.expert_down[:4].mul_(0.1)  # the router rows of expert 0, edited in place
+    torch.testing.assert_close(decode(), oracle(), rtol=1e-4, atol=5e-5)
+    layer.expert_up = nn.Parameter(torch.randn_like(layer.expert_up))
+    torch.testing.assert_close(decode(), oracle(), rtol=1e-4, atol=5e-5)
+    layer.to(torch.float64)
+    torch.testing.assert_close(decode(), oracle(), rtol=1e-9, atol=1e-9)
 
 
 def test_torch_compile_fullgraph():
