@@ -1,4 +1,4 @@
-"""The `smile-stream` command line: convert, inspect, verify."""
+"""The `smile-stream` command line: convert, inspect, verify, route, evaluate."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import click
 
 from . import fields
 from .errors import SmileError
+from .modeling_smile import ROUTING_MODES
 from .options import Options, flag_name, kind_of
 
 # recipe keys: the Options fields, each taking only its own TOML type ("int", "bool", "str")
@@ -173,6 +174,183 @@ def verify(folder: Path, deep: bool, samples: int, debug: bool) -> None:
             click.echo(f"  - {problem}", err=True)
         sys.exit(1)
     click.echo(f"ok: {folder} is complete and consistent")
+
+
+def _load_for_running(folder: Path, routing: str | None, device_map: str, offload_folder: str | None):
+    """A converted folder's model (package code, no remote code) and its tokenizer."""
+    import transformers
+
+    from .load import load_model
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise SmileError(f"{folder} has no usable tokenizer ({exc}); the base's tokenizer files are copied by convert.") from None
+    extra = {"offload_folder": offload_folder} if offload_folder else {}
+    model = load_model(folder, routing=routing, device_map=device_map, **extra).eval()
+    return model, tokenizer
+
+
+def _uses_chat(tokenizer, no_chat_template: bool) -> bool:
+    return not no_chat_template and bool(getattr(tokenizer, "chat_template", None))
+
+
+RUN_OPTIONS = (
+    click.option(
+        "--no-chat-template", is_flag=True, help="Feed prompts as plain text even when the tokenizer has a chat template."
+    ),
+    click.option("--device-map", default="auto", show_default=True, help='Where the weights go: "auto", "cpu", "cuda:0", ...'),
+    click.option("--offload-folder", type=click.Path(file_okay=False), help="Folder for weights that fit neither GPU nor RAM."),
+    click.option("--debug", is_flag=True, help="Show tracebacks."),
+)
+
+
+def run_options(command):
+    for decorate in reversed(RUN_OPTIONS):
+        command = decorate(command)
+    return command
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("prompt", required=False)
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False), help="Read the prompt from a file.")
+@click.option("--generate", "new_tokens", default=0, type=click.IntRange(0), help="Also route N greedily generated tokens.")
+@click.option(
+    "--routing",
+    "modes",
+    multiple=True,
+    type=click.Choice(ROUTING_MODES),
+    help="Routing mode(s) to show; default: the folder's. Repeat to compare.",
+)
+@click.option("--png", type=click.Path(dir_okay=False), help="Also draw the heatmap(s) to this PNG (needs smile-stream[plot]).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the routing as JSON.")
+@run_options
+def route(
+    folder, prompt, prompt_file, new_tokens, modes, png, json_path, no_chat_template, device_map, offload_folder, debug
+) -> None:
+    """Show which expert each layer routes each token of a prompt to.
+
+    One row per token, one letter per layer: the expert holding most of the layer's routing weight
+    (upper case when it holds at least 2/3 of it), then each expert's share.
+
+    \b
+    Examples:
+      smile-stream route ./smile-out "What is the capital of Peru?"
+      smile-stream route ./smile-out "Sort: 5 2 9" --generate 8 --routing module --routing sequence
+      smile-stream route ./smile-out --prompt-file prompt.txt --png routing.png --json routing.json
+    """
+    import json
+
+    from .evaluate import encode
+    from .route import plot, render, route_prompt
+
+    try:
+        if prompt_file:
+            prompt = Path(prompt_file).read_text(encoding="utf-8")
+        if not prompt:
+            raise SmileError("No prompt: pass it as an argument or with --prompt-file FILE.")
+        model, tokenizer = _load_for_running(folder, None, device_map, offload_folder)
+        ids, _ = encode(tokenizer, prompt, chat=_uses_chat(tokenizer, no_chat_template))
+        routings = []
+        for mode in modes or [model.config.smile.get("routing", "module")]:
+            model.set_smile_routing(mode)
+            routings.append(route_prompt(model, tokenizer, ids, new_tokens))
+            click.echo(render(routings[-1], colour=sys.stdout.isatty()) + "\n")
+        if png:
+            plot(routings, Path(png))
+            click.echo(f"heatmap: {png}")
+        if json_path:
+            Path(json_path).write_text(json.dumps([r.as_json() for r in routings], indent=1))
+    except (SmileError, Exception) as exc:  # noqa: BLE001
+        _fail(debug, exc)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--tasks",
+    "tasks_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help='JSONL: {"task": ..., "prompt": ..., "answer": ...} per line.',
+)
+@click.option("--experts", "with_inputs", is_flag=True, help="Also score the base and each expert the folder was made from.")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Where an input is now (NAME: base or an expert), if not where config.json says.",
+)
+@click.option("--mixed", is_flag=True, help="Shuffle all tasks' items together into the batches (as a server would see them).")
+@click.option("--routing", type=click.Choice(ROUTING_MODES), help="Routing mode of the SMILE model (default: the folder's).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
+@click.option(
+    "--png", type=click.Path(dir_okay=False), help="Also draw a bar chart of the accuracies (needs smile-stream[plot])."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@run_options
+def evaluate(
+    folder,
+    tasks_path,
+    with_inputs,
+    sources,
+    mixed,
+    routing,
+    batch_size,
+    max_new_tokens,
+    json_path,
+    png,
+    quiet,
+    no_chat_template,
+    device_map,
+    offload_folder,
+    debug,
+) -> None:
+    """Score a SMILE model (and with --experts its inputs) on your own tasks.
+
+    Per task: exact-match accuracy of greedy answers, the answer's mean NLL per token, and, where a
+    task is named like an expert, the share of its answer tokens' routing that went to that expert.
+
+    \b
+    Examples:
+      smile-stream evaluate ./smile-out --tasks tasks.jsonl
+      smile-stream evaluate ./smile-out --tasks tasks.jsonl --experts --mixed --png scores.png --json scores.json
+    """
+    import json
+
+    from .evaluate import bar_chart, input_models, read_tasks, table
+    from .evaluate import evaluate as run_evaluate
+
+    try:
+        items = read_tasks(tasks_path)
+        overrides = dict(_parse_expert(s) for s in sources)
+        model, tokenizer = _load_for_running(folder, routing, device_map, offload_folder)
+        chat = _uses_chat(tokenizer, no_chat_template)
+        settings = dict(chat=chat, mixed=mixed, batch=batch_size, max_new_tokens=max_new_tokens)
+
+        def scored(name: str, model) -> dict:
+            with click.progressbar(length=len(items), label=f"{name:<12}", file=sys.stderr, hidden=quiet) as bar:
+                return run_evaluate(model, tokenizer, items, progress=bar.update, **settings)
+
+        results = {"smile": scored("smile", model)}
+        del model
+        if with_inputs:
+            extra = {} if device_map == "auto" else {"device_map": device_map}
+            for name, other in input_models(folder, overrides, **extra):
+                results[name] = scored(name, other)
+                del other
+        click.echo(table(results))
+        if json_path:
+            Path(json_path).write_text(json.dumps(results, indent=1))
+        if png:
+            bar_chart(results, Path(png))
+            click.echo(f"chart: {png}")
+    except (SmileError, Exception) as exc:  # noqa: BLE001
+        _fail(debug, exc)
 
 
 if __name__ == "__main__":

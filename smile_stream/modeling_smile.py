@@ -244,6 +244,9 @@ class SmileLinear(nn.Module):
         # pooled routing: the model's shared state, and this module's experts as global indices
         self.routing: RoutingState | None = None
         self.expert_ids = list(range(len(self.ranks)))
+        # a list while something records the routing (`smile_stream.route`): each call appends its
+        # tokens' dense routing weights (tokens, E) over this module's experts
+        self.trace: list[torch.Tensor] | None = None
 
     @property
     def num_experts(self) -> int:
@@ -314,7 +317,10 @@ class SmileLinear(nn.Module):
         """Router logits (tokens, E) -> dense routing weights (tokens, E), zero outside the top_k."""
         logits = logits.float()
         if self.top_k == self.num_experts and self.routing is None:
-            return torch.softmax(logits, dim=-1)
+            weights = torch.softmax(logits, dim=-1)
+            if self.trace is not None:
+                self.trace.append(weights.detach().cpu())
+            return weights
         top, index = self._top(logits, pool)
         return torch.zeros_like(logits).scatter_(-1, index, top)
 
@@ -354,13 +360,18 @@ class SmileLinear(nn.Module):
             chooser = self.routing.pooled(self.expert_ids, shares)
         if self.top_k == 1:  # the renormalised weight of a single choice is exactly 1
             index = chooser.argmax(dim=-1, keepdim=True)
-            return torch.ones(index.shape, dtype=logits.dtype, device=logits.device), index
+            return self._traced(torch.ones(index.shape, dtype=logits.dtype, device=logits.device), index)
         if chooser is logits:
             top, index = torch.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
         else:
             index = chooser.topk(self.top_k, dim=-1).indices
             top = torch.softmax(logits, dim=-1).gather(-1, index)
-        return top / top.sum(-1, keepdim=True), index
+        return self._traced(top / top.sum(-1, keepdim=True), index)
+
+    def _traced(self, top: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.trace is not None:
+            self.trace.append(torch.zeros(index.shape[0], self.num_experts).scatter_(-1, index.cpu(), top.detach().float().cpu()))
+        return top, index
 
     def _route_one(self, logits: list[float]) -> list[tuple[int, float]]:
         """One token's router logits -> its (expert, weight) pairs, computed in Python: on a CPU,
@@ -371,11 +382,18 @@ class SmileLinear(nn.Module):
             total = sum(logits) or 1e-30
             chooser = self.routing.pooled_one(self.expert_ids, [value / total for value in logits])
         if self.top_k == 1:
-            return [(max(range(len(chooser)), key=chooser.__getitem__), 1.0)]
-        chosen = sorted(range(len(chooser)), key=lambda i: -chooser[i])[: self.top_k]
-        best = max(logits[i] for i in chosen)
-        scores = [math.exp(logits[i] - best) for i in chosen]
-        return [(i, score / sum(scores)) for i, score in zip(chosen, scores)]
+            choices = [(max(range(len(chooser)), key=chooser.__getitem__), 1.0)]
+        else:
+            chosen = sorted(range(len(chooser)), key=lambda i: -chooser[i])[: self.top_k]
+            best = max(logits[i] for i in chosen)
+            scores = [math.exp(logits[i] - best) for i in chosen]
+            choices = [(i, score / sum(scores)) for i, score in zip(chosen, scores)]
+        if self.trace is not None:
+            row = [0.0] * len(logits)
+            for i, weight in choices:
+                row[i] = weight
+            self.trace.append(torch.tensor([row]))
+        return choices
 
     def _decode_pack(self) -> tuple | None:
         """The single-token CPU layout, built on first use and whenever the parameters change.

@@ -90,10 +90,22 @@ def smile_folder(work: Path, kind: str, experts_: dict[str, Path]) -> Path:
     return out
 
 
+def score(model, tokenizer, tests: dict[str, list[tuple[str, str]]], mixed: bool, log=log) -> dict[str, float]:
+    """Exact-match accuracy per task, by the package's evaluator (`smile-stream evaluate`)."""
+    from quality_data import SYSTEM
+
+    from smile_stream.evaluate import Item, evaluate
+
+    start = time.perf_counter()
+    items = [Item(task, prompt, answer, SYSTEM) for task, pairs in tests.items() for prompt, answer in pairs]
+    results = evaluate(model, tokenizer, items, mixed=mixed, batch=32, max_new_tokens=8, nll=False)
+    log(f"    scored {len(items)} items in {time.perf_counter() - start:.0f}s")
+    return {task: entry["accuracy"] for task, entry in results.items()}
+
+
 def study(work: Path, only: str | None) -> dict:
     import transformers
     from quality_data import task_items
-    from quality_eval import score
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(work / "base")
     tests = {task: task_items(task, 2000, 100)[1] for task in STUDY_TASKS}

@@ -77,10 +77,6 @@ def task_items(task: str, train: int, test: int, seed: int = 0) -> tuple[list[tu
     return items[test:], items[:test]
 
 
-def messages(prompt: str) -> list[dict]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
-
-
 def real_base(folder: Path) -> Path:
     """SmolLM2-135M-Instruct as a float32 Hugging Face folder (made once from the GGUF file)."""
     if (folder / "model.safetensors").is_file():

@@ -10,18 +10,16 @@ from pathlib import Path
 
 import torch
 import transformers
-from quality_data import messages, task_items
+from quality_data import SYSTEM, task_items
+
+from smile_stream import evaluate
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def encode(tokenizer, prompt: str, answer: str | None = None) -> tuple[list[int], int]:
-    """Token ids of the chat prompt (and the answer with its end token), and the prompt's length."""
-    ids = tokenizer.apply_chat_template(messages(prompt), add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-    if answer is None:
-        return ids, len(ids)
-    return ids + tokenizer.encode(answer + tokenizer.eos_token, add_special_tokens=False), len(ids)
+    """The study's prompts, through the chat template with the study's system prompt."""
+    return evaluate.encode(tokenizer, prompt, answer, system=SYSTEM)
 
 
 def _batches(tokenizer, items, batch: int, steps: int, seed: int):
