@@ -13,7 +13,7 @@ import click
 from . import fields
 from .errors import SmileError
 from .modeling_smile import ROUTING_MODES
-from .options import Options, flag_name, kind_of
+from .options import Options, flag_name, kind_of, parse_rank
 
 # recipe keys: the Options fields, each taking only its own TOML type ("int", "bool", "str")
 RECIPE_OPTIONS = {spec.name: kind_of(spec) for spec in Options.specs()}
@@ -28,6 +28,8 @@ def option_flags(command):
             settings["is_flag"] = True
         elif meta["choices"]:
             settings["type"] = click.Choice(meta["choices"])
+        elif meta["kind"] == "rank":
+            settings["type"] = click.types.FuncParamType(parse_rank)
         elif kind_of(spec) == "int":
             settings["type"] = int
         command = click.option(flag_name(spec), spec.name, **settings)(command)
@@ -142,13 +144,21 @@ def convert(recipe, base, experts, out, dry_run, overwrite, quiet, debug, **flag
 
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False),
+    help="Plot energy vs rank per module kind (energy-rank folders; needs smile-stream[plot]).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def inspect(folder: Path, debug: bool) -> None:
+def inspect(folder: Path, png: str | None, debug: bool) -> None:
     """Show a converted model's experts, ranks, parameter overhead and which experts each module holds."""
-    from .load import inspect_output
+    from .load import inspect_output, plot_spectra
 
     try:
         click.echo(inspect_output(folder))
+        if png:
+            plot_spectra(folder, png)
+            click.echo(f"energy plot: {png}")
     except (SmileError, Exception) as exc:  # noqa: BLE001
         _fail(debug, exc)
 

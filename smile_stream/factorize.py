@@ -94,20 +94,42 @@ class Factorizer:
         self.plan = plan
         self.device = torch.device(plan.device)
         self.budget = memory_budget or (2 << 30 if self.device.type == "cpu" else _device_budget(self.device))
+        self.energies: dict[tuple[str, int], float] | None = None  # set while `spectra` runs
         self._by_layer: dict[int, list[ModulePlan]] = {}
         for module in plan.modules.values():
             self._by_layer.setdefault(module.layer, []).append(module)
 
     def layer_tensors(self, layer: int) -> dict[str, torch.Tensor]:
         """{output tensor name: tensor on the CPU in its output dtype} for every upscaled module of a layer."""
+        factors = self.layer_factors(layer)
+        out: dict[str, torch.Tensor] = {}
+        for module in self._by_layer.get(layer, []):
+            out.update(self._assemble(module, [factors[module.name, slot] for slot in range(len(module.experts))]))
+        return out
+
+    def layer_factors(self, layer: int) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+        """{(module, expert slot): (down (k, in), up (out, k))} for every upscaled module of a layer."""
         modules = self._by_layer.get(layer, [])
         factors: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         for module in modules:
             factors.update(self._exact_factors(module))
         factors.update(self._svd_factors([(m, slot) for m in modules for slot in self._slots(m, "svd")]))
-        out: dict[str, torch.Tensor] = {}
-        for module in modules:
-            out.update(self._assemble(module, [factors[module.name, slot] for slot in range(len(module.experts))]))
+        return factors
+
+    def spectra(self) -> dict[str, list[tuple[list[float], float]]]:
+        """Per module, per expert slot: the singular values of its delta up to its planned rank
+        (largest first: the norms of the `up` columns, as `down` has orthonormal rows) and the
+        delta's total energy ||delta||_F^2. LoRA deltas planned at their own r give the whole
+        spectrum; for dense deltas the total is the Frobenius norm of the delta itself, so the
+        energy beyond the computed rank is exact, not estimated."""
+        self.energies = {}
+        out: dict[str, list[tuple[list[float], float]]] = {}
+        for layer in sorted(self._by_layer):
+            for (module, slot), (_, up) in sorted(self.layer_factors(layer).items()):
+                values = torch.linalg.vector_norm(up.double(), dim=0)
+                total = self.energies.pop((module, slot), None)
+                out.setdefault(module, []).append((values.tolist(), float(values.square().sum()) if total is None else total))
+        self.energies = None
         return out
 
     def _slots(self, module: ModulePlan, engine: str) -> list[int]:
@@ -135,6 +157,9 @@ class Factorizer:
             for start in range(0, len(members), step):
                 batch = members[start : start + step]
                 deltas = self._deltas(batch, rows, cols)
+                if self.energies is not None:
+                    for (m, slot), norm in zip(batch, torch.linalg.vector_norm(deltas, dim=(1, 2)).tolist()):
+                        self.energies[m.name, slot] = norm * norm
                 seeds = [seed_for(m.name, self.plan.experts[m.experts[slot]].name) for m, slot in batch]
                 downs, ups = truncated_svd(deltas, rank, method, seeds)
                 del deltas

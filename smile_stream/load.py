@@ -9,7 +9,8 @@ from pathlib import Path
 from . import fields
 from .errors import SmileError
 from .modeling_smile import EXPERT_TENSORS, INDEX_FILE, ROUTING_MODES, check_complete, check_format, smile_model_class
-from .report import summarize_modules
+from .output import SPECTRA
+from .report import energy_plot, energy_table, summarize_modules
 from .sources import input_path, load_json
 from .tensors import read_safetensors_header
 
@@ -80,6 +81,18 @@ def load_model(path: str | os.PathLike, routing: str | None = None, **kwargs):
     return model
 
 
+def plot_spectra(path: str | os.PathLike, png: str | os.PathLike) -> None:
+    """`inspect --png`: energy vs rank per module kind, from the folder's smile-spectra.json."""
+    folder = Path(path)
+    spectra = folder / SPECTRA
+    if not spectra.is_file():
+        raise SmileError(
+            f"{folder} has no {SPECTRA}: only conversions with --expert-rank energy:F record the spectra "
+            "(convert --dry-run --expert-rank energy:F prints their summary without writing anything)."
+        )
+    energy_plot(load_json(input_path(folder, SPECTRA, "the spectra"), "spectra"), png)
+
+
 def inspect_output(path: str | os.PathLike) -> str:
     """What `smile-stream inspect` prints: experts, ranks, parameter overhead, experts per module."""
     folder = Path(path)
@@ -101,6 +114,10 @@ def inspect_output(path: str | os.PathLike) -> str:
     for expert in config["experts"]:
         lines.append(f"expert   {expert['name']:<12} {expert['kind']:<4}  {expert['source']}")
     lines += summarize_modules(config)
+    energy = energy_table(config)
+    if energy:
+        lines.append("energy   ranks chosen by energy (smile-spectra.json; inspect --png plots energy vs rank):")
+        lines += [f"         {row}" for row in energy]
     lines.append(f"params   {base:,} base + {added:,} expert ({added / max(base, 1):.2%} overhead)")
     lines.append(
         f"size     {index['metadata']['total_size']:,} tensor bytes in {len(set(index['weight_map'].values()))} shard(s)"

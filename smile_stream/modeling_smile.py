@@ -525,7 +525,11 @@ def upscale_modules(model: nn.Module, smile: dict) -> None:
     shape, and set up the routing mode the folder asks for."""
     check_format(smile)
     names = [e["name"] for e in smile["experts"]]
+    # The module names are the causal LM's; the backbone alone (AutoModel) lacks their first part.
+    backbone = getattr(model, "base_model", model) is model and bool(getattr(model, "base_model_prefix", ""))
     for name, spec in smile["modules"].items():
+        if backbone and name.startswith(model.base_model_prefix + "."):
+            name = name[len(model.base_model_prefix) + 1 :]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)

@@ -35,7 +35,14 @@ class Options:
         "sequence (default: the best in the quality study).",
         ROUTING_MODES,
     )
-    expert_rank: int | None = option(None, "Truncate experts to this rank (default: each LoRA's own r; 128 for full fine-tunes).")
+    expert_rank: int | str | None = option(
+        None,
+        "Rank of the experts' factors: N, or energy:F for the smallest rank per module and expert that holds the "
+        "fraction F of the delta's squared singular values, e.g. energy:0.9 (default: each LoRA's own r; 128 for "
+        "full fine-tunes).",
+        kind="rank",
+    )
+    max_expert_rank: int | None = option(None, "Cap on energy:F ranks (default: each LoRA's own r; 128 for full fine-tunes).")
     dtype: str | None = option(None, "Output dtype (default: the base's).", ("float32", "float16", "bfloat16"))
     max_shard_size: int = option(5 * 10**9, "Largest shard, e.g. 5GB (default), 500MB, 2GiB.", kind="size")
     targets: str | None = option(None, "Regex over module names to upscale (default: every linear in the decoder blocks).")
@@ -75,14 +82,23 @@ class Options:
                 values[spec.name] = True
             else:
                 word = words.pop(0)
-                values[spec.name] = int(word) if kind_of(spec) == "int" else word
+                if spec.metadata["kind"] == "rank":
+                    values[spec.name] = parse_rank(word)
+                else:
+                    values[spec.name] = int(word) if kind_of(spec) == "int" else word
         return cls.from_values(values, "flags")
 
     def validate(self) -> None:
         """The checks that need no inputs: ranges and choices."""
         if self.gate_rank < 1 or self.top_k < 1:
             raise SmileError("--gate-rank and --top-k must be at least 1.")
-        if self.expert_rank is not None and self.expert_rank < self.gate_rank:
+        if isinstance(self.expert_rank, str):
+            parse_energy(self.expert_rank)
+        elif self.max_expert_rank is not None:
+            raise SmileError("--max-expert-rank caps --expert-rank energy:F ranks; for one fixed rank use --expert-rank N.")
+        if self.max_expert_rank is not None and self.max_expert_rank < 1:
+            raise SmileError("--max-expert-rank must be at least 1.")
+        if isinstance(self.expert_rank, int) and self.expert_rank < self.gate_rank:
             raise SmileError(
                 f"--gate-rank {self.gate_rank} is larger than --expert-rank {self.expert_rank}: the router reads the "
                 "first gate-rank directions of each expert. Lower --gate-rank or raise --expert-rank."
@@ -93,6 +109,16 @@ class Options:
                 raise SmileError(f"{flag_name(spec)} {value!r}: choose {', '.join(choices)}.")
         if self.max_shard_size < 1:
             raise SmileError("--max-shard-size must be positive.")
+
+    @property
+    def energy(self) -> float | None:
+        """The fraction F of `--expert-rank energy:F`, or None for fixed ranks."""
+        return parse_energy(self.expert_rank) if isinstance(self.expert_rank, str) else None
+
+    @property
+    def fixed_rank(self) -> int | None:
+        """`--expert-rank N`, or None (the kinds' defaults, or energy ranks)."""
+        return self.expert_rank if isinstance(self.expert_rank, int) else None
 
     def argv(self) -> list[str]:
         """The flags that reproduce these options (those that differ from the defaults, but device)."""
@@ -111,7 +137,7 @@ class Options:
 
 def kind_of(spec: dataclasses.Field) -> str:
     """The type a recipe value must have: "int", "str", "bool", "int|str" (sizes)."""
-    if spec.metadata["kind"] == "size":
+    if spec.metadata["kind"] in ("size", "rank"):
         return "int|str"
     return "|".join(part.strip() for part in str(spec.type).split("|") if part.strip() != "None")
 
@@ -130,6 +156,20 @@ def parse_size(text: str | int) -> int:
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
     return int(float(number) * base ** "_KMGT".index(unit.upper() or "_"))
+
+
+def parse_energy(text: str) -> float:
+    """'energy:0.9' -> 0.9; anything else is refused."""
+    match = re.fullmatch(r"energy:(\d*\.?\d+)", text.strip())
+    fraction = float(match.group(1)) if match else 0.0
+    if not 0 < fraction <= 1:
+        raise SmileError(f"--expert-rank {text!r}: write an integer rank, or energy:F with 0 < F <= 1 (e.g. energy:0.9).")
+    return fraction
+
+
+def parse_rank(text: str) -> int | str:
+    """A command-line rank: '16' -> 16, 'energy:0.9' stays a string (checked by `validate`)."""
+    return int(text) if text.strip().isdigit() else text
 
 
 def resolve_device(name: str) -> str:

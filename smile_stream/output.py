@@ -32,11 +32,12 @@ JOURNAL = "smile-journal.json"
 LOCK_FILE = "smile-stream.lock"
 REMOTE_CODE = "modeling_smile.py"
 MODEL_CARD = "README.md"
+SPECTRA = "smile-spectra.json"  # `--expert-rank energy:F`: every delta's spectrum, for `inspect --png`
 HASH_CHUNK = 1 << 24
 # Inputs up to this size are identified by their sha256 (adapters, configs, small models); larger
 # ones by size, mtime and inode, since hashing a 15 GB base on every run costs more than it saves.
 HASHED_INPUT_BYTES = 512 << 20
-_OWN_NAMES = {JOURNAL, INDEX_FILE, "config.json", REMOTE_CODE, MODEL_CARD, *COPIED_FILES}
+_OWN_NAMES = {JOURNAL, INDEX_FILE, "config.json", REMOTE_CODE, MODEL_CARD, SPECTRA, *COPIED_FILES}
 _SHARD_PATTERN = re.compile(re.escape(SHARD_NAME).replace(re.escape("{:05d}"), r"\d{5}"))  # any shard name plan gives
 
 

@@ -105,6 +105,8 @@ class Plan:
     expert_only: dict[str, str] = field(default_factory=dict)
     # metadata files of the base copied into the output: output name -> input path
     copied_files: dict[str, Path] = field(default_factory=dict)
+    # `--expert-rank energy:F`: module -> per expert slot (singular values, total energy)
+    spectra: dict[str, list[tuple[list[float], float]]] = field(default_factory=dict)
 
     @property
     def total_size(self) -> int:
@@ -201,15 +203,25 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
         fan_in, fan_out, layer = targets[name]
         weight = base.tensors[name + ".weight"]
         order = sorted(touched[name])
-        ranks = [experts[i].rank(name, touched[name][i], options.expert_rank) for i in order]
+        if options.energy is None:
+            ranks = [experts[i].rank(name, touched[name][i], options.fixed_rank) for i in order]
+        else:  # the caps first; `_energy_ranks` lowers them
+            cap = options.max_expert_rank
+            ranks = [experts[i].rank(name, touched[name][i], cap and min(cap, touched[name][i])) for i in order]
         dtype = DTYPE_CODES[getattr(torch, options.dtype)] if options.dtype else weight.dtype
         modules[name] = ModulePlan(
             name, layer, fan_in, fan_out, weight, base.tensors.get(name + ".bias"), order, ranks, name in bias_modules, dtype
         )
+    spectra = _energy_ranks(base, experts, options, device, modules, touched) if options.energy is not None else {}
 
     tensors = _output_tensors(base, modules, options, linears, changed, dropped)
     shards = layout(tensors, options.max_shard_size)
     config = _output_config(base, arch, experts, modules, options)
+    if spectra:
+        for name, module in modules.items():
+            config["smile"]["modules"][name]["energy"] = [
+                round(energy_kept(*spectra[name][slot], k), 6) for slot, k in enumerate(module.ranks)
+            ]
     record = _plan_record(base, experts, options, device)
     copied = {name: path for name in COPIED_FILES if (path := input_path(base.folder, name)).is_file()}
     return Plan(
@@ -226,7 +238,43 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
         dropped,
         expert_only,
         copied,
+        spectra,
     )
+
+
+def energy_kept(values: list[float], total: float, rank: int) -> float:
+    """The fraction of a delta's squared singular-value mass its first `rank` directions hold."""
+    return sum(v * v for v in values[:rank]) / total if total > 0 else 1.0
+
+
+def energy_rank(values: list[float], total: float, fraction: float, cap: int, floor: int) -> int:
+    """The smallest rank holding `fraction` of the energy, within [min(floor, cap), cap]."""
+    kept, rank = 0.0, len(values)
+    for k, value in enumerate(values, 1):
+        kept += value * value
+        if total <= 0 or kept >= fraction * total * (1 - 1e-9):
+            rank = k
+            break
+    return max(min(floor, cap), min(rank, cap))
+
+
+def _energy_ranks(base, experts, options: Options, device: str, modules: dict[str, ModulePlan], touched: dict) -> dict:
+    """`--expert-rank energy:F`: compute every delta's spectrum (LoRA exactly at its own r, dense
+    deltas by the same truncated SVD as the conversion, at the cap) and set each module's ranks to
+    the smallest that hold F of the energy, never above the cap, nor below the gate rank (the router
+    scores each expert on its first g directions). Returns the spectra."""
+    from .factorize import Factorizer
+
+    caps = {name: list(module.ranks) for name, module in modules.items()}
+    for name, module in modules.items():  # LoRA operands: the whole spectrum, so the total is exact
+        module.ranks = [touched[name][i] if experts[i].engine == "qr" else r for i, r in zip(module.experts, module.ranks)]
+    probe = Plan(base, experts, options, device, modules, [], {}, "", {})
+    spectra = Factorizer(probe).spectra()
+    for name, module in modules.items():
+        module.ranks = [
+            energy_rank(*spectra[name][slot], options.energy, cap, options.gate_rank) for slot, cap in enumerate(caps[name])
+        ]
+    return spectra
 
 
 def _output_tensors(
@@ -257,9 +305,19 @@ def _output_tensors(
     return out
 
 
+def base_model_class(model_type: object) -> str | None:
+    """The transformers class name of the backbone (AutoModel's class) for a model type."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    return MODEL_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+
+
 def _output_config(base: Checkpoint, arch: str, experts: list[Expert], modules: dict[str, ModulePlan], options: Options) -> dict:
     config = dict(base.config)
     config["auto_map"] = {"AutoModelForCausalLM": f"modeling_smile.Smile{arch}"}
+    backbone = base_model_class(config.get("model_type"))
+    if backbone:  # serving engines' Transformers backends load the backbone through AutoModel
+        config["auto_map"]["AutoModel"] = f"modeling_smile.Smile{backbone}"
     if options.dtype:
         config["dtype"] = config["torch_dtype"] = options.dtype
     config["smile"] = {

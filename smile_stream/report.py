@@ -11,16 +11,91 @@ from .plan import Plan
 
 
 def summarize_modules(smile: dict) -> list[str]:
-    """Upscaled modules grouped by their name with layer numbers elided, and the experts each holds."""
-    groups: dict[str, set] = {}
+    """Upscaled modules grouped by their name with layer numbers elided and by the experts they hold,
+    with each expert's rank (or range of ranks) there."""
+    groups: dict[tuple[str, tuple[str, ...]], dict[str, list[int]]] = {}
     for name, spec in smile["modules"].items():
-        key = re.sub(r"\.\d+\.", ".N.", name)
-        groups.setdefault(key, set()).add(" ".join(f"{e}:r{r}" for e, r in zip(spec["experts"], spec["ranks"])))
+        ranks = groups.setdefault((module_kind(name), tuple(spec["experts"])), {})
+        for expert, rank in zip(spec["experts"], spec["ranks"]):
+            ranks.setdefault(expert, []).append(rank)
     layers = {m for name in smile["modules"] for m in re.findall(r"\.(\d+)\.", name)[:1]}
     lines = [f"targets  {len(smile['modules'])} upscaled modules in {len(layers)} layers"]
-    for key, variants in sorted(groups.items()):
-        lines += [f"         {key:<40} {variant}" for variant in sorted(variants)]
+    for (kind, _), ranks in sorted(groups.items()):
+        held = " ".join(f"{e}:r{min(r)}" + (f"-{max(r)}" if max(r) != min(r) else "") for e, r in ranks.items())
+        lines.append(f"         {kind:<40} {held}")
     return lines
+
+
+def module_kind(name: str) -> str:
+    """A module's name with its layer number elided: "model.layers.N.self_attn.q_proj"."""
+    return re.sub(r"\.\d+\.", ".N.", name)
+
+
+def energy_table(smile: dict) -> list[str]:
+    """Per module kind, for `--expert-rank energy:F` folders: the ranks chosen and the energy they
+    keep (mean and lowest over modules and experts). Markdown rows."""
+    kinds: dict[str, dict[str, list]] = {}
+    for name, spec in smile["modules"].items():
+        if "energy" not in spec:
+            return []
+        entry = kinds.setdefault(module_kind(name), {"ranks": [], "energy": []})
+        entry["ranks"] += spec["ranks"]
+        entry["energy"] += spec["energy"]
+    lines = ["| module kind | ranks (min / mean / max) | energy kept (mean / lowest) |", "|---|---|---|"]
+    for kind, entry in sorted(kinds.items()):
+        ranks, energy = entry["ranks"], entry["energy"]
+        lines.append(
+            f"| {kind} | {min(ranks)} / {sum(ranks) / len(ranks):.1f} / {max(ranks)} | "
+            f"{sum(energy) / len(energy):.1%} / {min(energy):.1%} |"
+        )
+    return lines
+
+
+def spectra_record(plan: Plan) -> dict:
+    """What smile-spectra.json holds: per module and expert the singular values (up to the cap) and
+    the delta's total energy, with the ranks chosen."""
+    return {
+        "energy": plan.options.energy,
+        "modules": {
+            name: {
+                "experts": [plan.experts[i].name for i in module.experts],
+                "ranks": module.ranks,
+                "values": [[float(f"{v:.6g}") for v in values] for values, _ in plan.spectra[name]],
+                "total": [float(f"{total:.9g}") for _, total in plan.spectra[name]],
+            }
+            for name, module in plan.modules.items()
+        },
+    }
+
+
+def energy_plot(record: dict, path) -> None:
+    """Energy kept against rank, per module kind (mean over its modules and experts), as a PNG."""
+    from .route import pyplot
+
+    plt = pyplot()
+    curves: dict[str, list[list[float]]] = {}
+    for name, entry in record["modules"].items():
+        for values, total in zip(entry["values"], entry["total"]):
+            running, curve = 0.0, []
+            for value in values:
+                running += value * value
+                curve.append(running / total if total > 0 else 1.0)
+            curves.setdefault(module_kind(name), []).append(curve)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kind, members in sorted(curves.items()):
+        width = max(map(len, members))
+        mean = [sum(c[min(k, len(c) - 1)] for c in members) / len(members) for k in range(width)]
+        ax.plot(range(1, width + 1), mean, label=kind.split(".")[-1] if kind.count(".") else kind)
+    if record.get("energy"):
+        ax.axhline(record["energy"], color="grey", linestyle="--", linewidth=1, label=f"energy:{record['energy']}")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("fraction of the delta's energy kept")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("energy vs rank per module kind (mean over layers and experts)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def non_target_notes(plan: Plan) -> list[str]:
@@ -59,6 +134,10 @@ def describe(plan: Plan) -> str:
     opts = plan.options
     lines.append(f"routing  {opts.routing}, gate rank {opts.gate_rank}, top-{opts.top_k}; device {plan.device}; svd {opts.svd}")
     lines += summarize_modules(plan.config["smile"])
+    energy = energy_table(plan.config["smile"])
+    if energy:
+        lines.append(f"energy   --expert-rank energy:{opts.energy} (cap {opts.max_expert_rank or 'each kind default'}):")
+        lines += [f"         {row}" for row in energy]
     lines += non_target_notes(plan)
     overhead = plan.added_params / max(plan.base_params, 1)
     lines.append(
@@ -70,6 +149,9 @@ def describe(plan: Plan) -> str:
 
 def model_card(plan: Plan, out_name: str) -> str:
     smile = plan.config["smile"]
+    energy = energy_table(smile)
+    if energy:
+        energy = [f"Ranks by energy (`--expert-rank energy:{plan.options.energy}`):", "", *energy, ""]
     held: dict[str, list[int]] = {}
     for module in smile["modules"].values():
         for name, rank in zip(module["experts"], module["ranks"]):
@@ -104,6 +186,7 @@ def model_card(plan: Plan, out_name: str) -> str:
         "|---|---|---|---|---|",
         *rows,
         "",
+        *energy,
         "## Load",
         "",
         "```python",

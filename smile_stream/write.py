@@ -26,9 +26,9 @@ import torch
 from . import modeling_smile
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE
-from .output import HASH_CHUNK, MODEL_CARD, REMOTE_CODE, atomic_write, crash_point, save_journal
+from .output import HASH_CHUNK, MODEL_CARD, REMOTE_CODE, SPECTRA, atomic_write, crash_point, save_journal
 from .plan import Plan, ShardPlan, TensorPlan
-from .report import model_card
+from .report import model_card, spectra_record
 from .tensors import DTYPES, FLOAT_CODES, TensorInfo, is_finite, nonfinite_error
 
 
@@ -41,6 +41,8 @@ def write_metadata(plan: Plan, out: Path, journal: dict) -> None:
         **{name: path.read_bytes() for name, path in plan.copied_files.items()},
         MODEL_CARD: model_card(plan, out.name).encode(),
     }
+    if plan.spectra:
+        files[SPECTRA] = json.dumps(spectra_record(plan)).encode()
     for name, data in files.items():
         atomic_write(out / name, data)
     journal["metadata"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}

@@ -72,11 +72,35 @@ def test_logits_equal_oracle(models, converted, family, loader):
     torch.testing.assert_close(logits, expected, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_backbone_through_automodel_equals_oracle(models, converted, family):
+    # vLLM's and SGLang's Transformers backends load the backbone with AutoModel and remote code:
+    # its hidden states must be the oracle's (the upscaled modules live in the backbone).
+    out = converted(family)
+    ids = _ids()
+    model = transformers.AutoModel.from_pretrained(str(out), trust_remote_code=True)
+    assert type(model).__name__ == f"Smile{type(model).__mro__[1].__name__}" and not hasattr(model, "lm_head")
+    assert sum(type(m).__name__ == "SmileLinear" for m in model.modules()) > 0
+    base = models(family)
+    experts = []
+    for name in ADAPTERS:
+        deltas = lora_deltas(base, models(f"{family}:lora_{name}", **ADAPTERS[name]))
+        experts.append({m: (d, None, d.shape[0]) for m, d in deltas.items()})
+    with torch.no_grad():
+        hidden = model(ids, attention_mask=torch.ones_like(ids)).last_hidden_state.double()
+        oracle = oracle_model(base, experts, GATE_RANK, TOP_K)
+        expected = oracle(ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(hidden, expected, rtol=2e-4, atol=2e-4)
+
+
 def test_output_config_and_module_membership(converted):
     out = converted("llama")
     config = json.loads((out / "config.json").read_text())
     smile = config["smile"]
-    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_smile.SmileLlamaForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoModelForCausalLM": "modeling_smile.SmileLlamaForCausalLM",
+        "AutoModel": "modeling_smile.SmileLlamaModel",  # the backbone, for serving engines
+    }
     assert [e["name"] for e in smile["experts"]] == list(ADAPTERS)
     q = smile["modules"]["model.layers.0.self_attn.q_proj"]
     assert q["experts"] == ["qv", "rs"] and q["ranks"] == [4, 8]
