@@ -186,7 +186,23 @@ def verify(folder: Path, deep: bool, samples: int, debug: bool) -> None:
     click.echo(f"ok: {folder} is complete and consistent")
 
 
-def _load_for_running(folder: Path, routing: str | None, device_map: str, offload_folder: str | None):
+def _max_memory(text: str | None) -> dict | None:
+    """'cpu=2GiB,0=20GiB' -> {"cpu": "2GiB", 0: "20GiB"} (accelerate's max_memory)."""
+    if not text:
+        return None
+    limits = {}
+    for part in text.split(","):
+        device, sep, size = part.partition("=")
+        if not sep or not size.strip():
+            raise SmileError(f"--max-memory {text!r}: write it as DEVICE=SIZE pairs, e.g. cpu=8GiB,0=20GiB.")
+        device = device.strip()
+        limits[int(device) if device.isdigit() else device] = size.strip()
+    return limits
+
+
+def _load_for_running(
+    folder: Path, routing: str | None, device_map: str, offload_folder: str | None, max_memory: str | None = None
+):
     """A converted folder's model (package code, no remote code) and its tokenizer."""
     import transformers
 
@@ -197,6 +213,8 @@ def _load_for_running(folder: Path, routing: str | None, device_map: str, offloa
     except (OSError, ValueError) as exc:
         raise SmileError(f"{folder} has no usable tokenizer ({exc}); the base's tokenizer files are copied by convert.") from None
     extra = {"offload_folder": offload_folder} if offload_folder else {}
+    if max_memory:
+        extra["max_memory"] = _max_memory(max_memory)
     model = load_model(folder, routing=routing, device_map=device_map, **extra).eval()
     return model, tokenizer
 
@@ -211,6 +229,9 @@ RUN_OPTIONS = (
     ),
     click.option("--device-map", default="auto", show_default=True, help='Where the weights go: "auto", "cpu", "cuda:0", ...'),
     click.option("--offload-folder", type=click.Path(file_okay=False), help="Folder for weights that fit neither GPU nor RAM."),
+    click.option(
+        "--max-memory", help="Memory for weights per device, e.g. cpu=8GiB or 0=20GiB,cpu=30GiB (the rest is offloaded)."
+    ),
     click.option("--debug", is_flag=True, help="Show tracebacks."),
 )
 
@@ -237,7 +258,18 @@ def run_options(command):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the routing as JSON.")
 @run_options
 def route(
-    folder, prompt, prompt_file, new_tokens, modes, png, json_path, no_chat_template, device_map, offload_folder, debug
+    folder,
+    prompt,
+    prompt_file,
+    new_tokens,
+    modes,
+    png,
+    json_path,
+    no_chat_template,
+    device_map,
+    offload_folder,
+    max_memory,
+    debug,
 ) -> None:
     """Show which expert each layer routes each token of a prompt to.
 
@@ -260,7 +292,7 @@ def route(
             prompt = Path(prompt_file).read_text(encoding="utf-8")
         if not prompt:
             raise SmileError("No prompt: pass it as an argument or with --prompt-file FILE.")
-        model, tokenizer = _load_for_running(folder, None, device_map, offload_folder)
+        model, tokenizer = _load_for_running(folder, None, device_map, offload_folder, max_memory)
         ids, _ = encode(tokenizer, prompt, chat=_uses_chat(tokenizer, no_chat_template))
         routings = []
         for mode in modes or [model.config.smile.get("routing", "module")]:
@@ -318,6 +350,7 @@ def evaluate(
     no_chat_template,
     device_map,
     offload_folder,
+    max_memory,
     debug,
 ) -> None:
     """Score a SMILE model (and with --experts its inputs) on your own tasks.
@@ -338,7 +371,7 @@ def evaluate(
     try:
         items = read_tasks(tasks_path)
         overrides = dict(_parse_expert(s) for s in sources)
-        model, tokenizer = _load_for_running(folder, routing, device_map, offload_folder)
+        model, tokenizer = _load_for_running(folder, routing, device_map, offload_folder, max_memory)
         chat = _uses_chat(tokenizer, no_chat_template)
         settings = dict(chat=chat, mixed=mixed, batch=batch_size, max_new_tokens=max_new_tokens)
 

@@ -57,6 +57,7 @@ class OracleSmileLinear(nn.Module):
         super().__init__()
         self.pool: OraclePool | None = None  # pooled routing: shared with the model's other oracle modules
         self.expert_ids = list(range(len(experts)))
+        self.record: list[dict[int, float]] | None = None
         self.w0 = weight.detach().double()
         self.b0 = None if bias is None else bias.detach().double()
         self.top_k = min(top_k, len(experts))
@@ -95,9 +96,13 @@ class OracleSmileLinear(nn.Module):
             y = self.w0 @ token + (0 if self.b0 is None else self.b0)
             index = choose.topk(self.top_k).indices
             top = torch.softmax(row, 0)[index]
+            picked = {}
             for weight, i in zip((top / top.sum()).tolist(), index.tolist()):
                 _, approx, bias = self.experts[i]
                 y = y + weight * (approx @ token + (0 if bias is None else bias))
+                picked[self.expert_ids[i]] = weight
+            if self.record is not None:  # each token's routing: {expert (model-wide index): weight}
+                self.record.append(picked)
             rows.append(y)
         return torch.stack(rows).reshape(*x.shape[:-1], -1).to(x.dtype)
 
