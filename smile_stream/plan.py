@@ -143,17 +143,31 @@ def _check_experts(options: Options, experts: list[tuple[str, str]]) -> None:
 
 
 def layout(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
-    """Cut the ordered tensors into shards of at most `max_shard_size` tensor bytes (a larger tensor
-    gets a shard of its own), name them and build their headers."""
+    """Cut the ordered tensors into shards of at most `max_shard_size` tensor bytes, name them and
+    build their headers. Cuts fall between decoder layers, so that each layer's expert tensors are
+    in one shard and a shard's writer factors whole layers (with several processes, no layer is
+    factored twice); a layer larger than a shard is cut between its tensors, and a tensor larger
+    than a shard gets a shard of its own."""
 
+    runs: list[list[TensorPlan]] = []  # consecutive tensors of one layer
+    for tensor in tensors:
+        if runs and runs[-1][0].layer == tensor.layer:
+            runs[-1].append(tensor)
+        else:
+            runs.append([tensor])
     groups: list[list[TensorPlan]] = [[]]
     size = 0
-    for tensor in tensors:
-        if groups[-1] and size + tensor.nbytes > max_shard_size:
+    for run in runs:
+        run_size = sum(t.nbytes for t in run)
+        if groups[-1] and size + run_size > max_shard_size:
             groups.append([])
             size = 0
-        groups[-1].append(tensor)
-        size += tensor.nbytes
+        for tensor in run:  # a run alone over the limit is cut between its tensors
+            if groups[-1] and size + tensor.nbytes > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(tensor)
+            size += tensor.nbytes
     shards = []
     for i, group in enumerate(groups):
         # Larger items first keeps every tensor aligned to its element size inside the file.

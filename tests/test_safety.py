@@ -128,7 +128,7 @@ def test_overwrite_never_empties_a_folder_no_conversion_made(inputs, tmp_path):
         ('allow_pickle = "false"', "allow_pickle is 'false' \\(a string\\), but it must be a boolean"),
         ("gate_rank = 2.7", "gate_rank is 2.7 \\(a number\\), but it must be an integer"),
         ("top_k = true", "top_k is True \\(a boolean\\), but it must be an integer"),
-        ('expert_rank = "8"', "expert_rank is '8' \\(a string\\), but it must be an integer"),
+        ('expert_rank = "8"', "--expert-rank '8': write an integer rank, or energy:F"),  # a string is only energy:F
         ("max_shard_size = 1.5", "max_shard_size is 1.5 \\(a number\\), but it must be an integer or a string"),
         ('base = 5\nout = "x"', "recipe .*: base is 5 \\(a integer\\), but it must be a string"),
         ('device = "banana"', "--device 'banana' is not a device"),
