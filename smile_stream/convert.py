@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from . import distribute
 from .factorize import Factorizer, prefetch
 from .measure import PeakMemory, format_bytes, now
 from .options import Options
-from .output import crash_point, open_output
+from .output import crash_point, merge_rank_journals, open_output, save_rank_journal
 from .plan import Plan, ShardPlan, TensorPlan, make_plan
 from .report import describe, non_target_notes
 from .tensors import DTYPES, cast
-from .write import disk_errors, write_metadata, write_shards
+from .write import disk_errors, write_index, write_metadata, write_shards
 
 
 @dataclass
@@ -85,14 +88,17 @@ class TensorSource:
 
 
 class Progress:
-    """One status line per event: shard, layer, elapsed time, ETA and memory (RssAnon)."""
+    """One status line per event: shard, layer, elapsed time, ETA and memory (RssAnon). In a
+    multi-process run rank 0 prints, counting the shards every process has finished (from their
+    journal files in `out`)."""
 
-    def __init__(self, plan: Plan, memory: PeakMemory, quiet: bool):
-        self.plan, self.memory, self.quiet = plan, memory, quiet
+    def __init__(self, plan: Plan, memory: PeakMemory, quiet: bool, out: Path | None = None, world=None):
+        self.plan, self.memory, self.quiet, self.out, self.world = plan, memory, quiet, out, world
         self.total = plan.output_bytes
         self.done = 0
         self.start = now()
         self.shard_index = 0
+        self.finished: set[str] = set()
 
     def _print(self, text: str) -> None:
         if not self.quiet:
@@ -105,10 +111,18 @@ class Progress:
         self._print(f"  layer {layer:>3} factored   {self._status()}")
 
     def shard(self, shard: ShardPlan, kept: bool) -> None:
-        self.shard_index += 1
-        self.done += shard.size
+        self.finished.add(shard.filename)
+        if self.world is not None and self.out is not None:
+            for path in self.out.glob("smile-journal.rank-*.json"):
+                try:
+                    self.finished |= set(json.loads(path.read_text())["shards"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass  # being replaced: counted next time
+        self.shard_index = len(self.finished)
+        self.done = sum(s.size for s in self.plan.shards if s.filename in self.finished)
         verb = "kept (already written)" if kept else "written"
-        self._print(f"shard {self.shard_index}/{len(self.plan.shards)} {shard.filename} {verb}   {self._status()}")
+        ranks = f" (all {self.world.size} processes)" if self.world is not None else ""
+        self._print(f"shard {self.shard_index}/{len(self.plan.shards)}{ranks} {shard.filename} {verb}   {self._status()}")
 
     def _status(self) -> str:
         elapsed = now() - self.start
@@ -132,21 +146,50 @@ def convert(
     """Convert a base model and experts (name, folder or hub id) into a SMILE model folder at `out`.
 
     Resumes an unfinished run with the same inputs and options. With `dry_run`, prints the plan
-    and writes nothing.
+    and writes nothing. Under `torchrun` (or in an initialised process group) the processes share
+    the work: see `distribute`.
     """
     options = options or Options()
     out = Path(out)
-    with PeakMemory() as memory:
+    world, started = distribute.join()
+    try:
+        return _convert(base, experts, out, options, dry_run, overwrite, quiet, world)
+    finally:
+        distribute.leave(started)
+
+
+def _convert(base, experts, out: Path, options: Options, dry_run: bool, overwrite: bool, quiet: bool, world) -> Result:
+    leader = world is None or world.leader
+    with PeakMemory() as memory, ExitStack() as held:
         start = now()
         plan = make_plan(base, experts, options)
+        if world is not None:
+            distribute.check_same_plan(world, plan)
+            plan.device = distribute.compute_device(world, plan.device)
         if dry_run:
-            print(describe(plan))
+            if leader:
+                print(describe(plan))
             return Result(plan, now() - start, memory.peak, 0, 0)
         crash_point("plan")
-        progress = Progress(plan, memory, quiet)
-        with disk_errors(out):
-            lock, journal = open_output(out, plan, overwrite, progress.note)
+        progress = Progress(plan, memory, quiet or not leader, out, world)
+
+        def open_folder() -> dict:
+            with disk_errors(out):
+                lock, journal = open_output(out, plan, overwrite, progress.note)
+                held.enter_context(lock)
+                for line in non_target_notes(plan):
+                    progress.note(line)
+                write_metadata(plan, out, journal)
+            return journal
+
+        journal = open_folder() if world is None else distribute.from_leader(world, open_folder)
+        crash_point("metadata")
         counts = {True: 0, False: 0}
+        owned = distribute.mine(world, plan)
+        source = TensorSource(plan, progress.layer)
+        for shard in plan.shards:
+            if shard.filename not in owned:
+                source.skip(shard)  # another process writes it
 
         def on_shard(shard: ShardPlan, kept: bool) -> None:
             counts[kept] += 1
@@ -154,19 +197,30 @@ def convert(
                 source.skip(shard)
             progress.shard(shard, kept)
 
-        with lock, disk_errors(out):
-            for line in non_target_notes(plan):
-                progress.note(line)
-            source = TensorSource(plan, progress.layer)
-            write_metadata(plan, out, journal)
-            crash_point("metadata")
-            write_shards(plan, out, journal, source, on_shard)
+        record = None
+        if not leader:
+            finished: dict[str, dict] = {}
+
+            def record(name: str, entry: dict) -> None:
+                finished[name] = entry
+                save_rank_journal(out, world.rank, plan.hash, finished)
+
+        with disk_errors(out):
+            write_shards(plan, out, journal, source, on_shard, only=owned, record=record, index=world is None)
+            if world is not None:
+                progress.note(f"waiting for the other {world.size - 1} process(es) to finish their shards")
+                distribute.barrier()  # every process has finished its shards
+                if leader:
+                    merge_rank_journals(out, journal)
+                    write_index(out, plan.shards, {"smile_plan_hash": plan.hash}, crash="index")
+                distribute.barrier()  # the index is there when every process returns
         seconds = now() - start
     result = Result(plan, seconds, memory.peak, counts[False], counts[True])
-    if not quiet:
+    if not quiet and leader:
         print(
             f"done: {out} in {seconds:.1f}s, peak memory {format_bytes(memory.peak)} (RssAnon), "
-            f"output {format_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s)",
+            f"output {format_bytes(plan.output_bytes)} in {len(plan.shards)} shard(s)"
+            + (f", written by {world.size} processes" if world is not None else ""),
             file=sys.stderr,
         )
     return result

@@ -33,6 +33,8 @@ LOCK_FILE = "smile-stream.lock"
 REMOTE_CODE = "modeling_smile.py"
 MODEL_CARD = "README.md"
 SPECTRA = "smile-spectra.json"  # `--expert-rank energy:F`: every delta's spectrum, for `inspect --png`
+RANK_JOURNAL = "smile-journal.rank-{}.json"  # the shards one process of a multi-process run finished
+_RANK_JOURNAL_PATTERN = re.compile(r"smile-journal\.rank-\d+\.json")
 HASH_CHUNK = 1 << 24
 # Inputs up to this size are identified by their sha256 (adapters, configs, small models); larger
 # ones by size, mtime and inode, since hashing a 15 GB base on every run costs more than it saves.
@@ -45,7 +47,8 @@ def crash_point(name: str) -> None:
     """Fault injection for the kill tests: send this process a signal (SIGKILL, or the one named by
     SMILE_STREAM_CRASH_SIGNAL, e.g. SIGTERM) at the named point of a run when SMILE_STREAM_CRASH_AT
     names it. Points: plan, metadata, shard-<i>-mid, shard-<i>-renamed, index."""
-    if os.environ.get("SMILE_STREAM_CRASH_AT") == name:
+    rank = os.environ.get("SMILE_STREAM_CRASH_RANK")  # in a multi-process run: only this rank
+    if os.environ.get("SMILE_STREAM_CRASH_AT") == name and rank in (None, os.environ.get("RANK", "0")):
         os.kill(os.getpid(), signal.Signals[os.environ.get("SMILE_STREAM_CRASH_SIGNAL", "SIGKILL")])
 
 
@@ -100,6 +103,37 @@ def read_journal(out: Path) -> dict | None:
 
 def save_journal(out: Path, journal: dict) -> None:
     atomic_write(out / JOURNAL, json.dumps(journal, indent=1, sort_keys=True).encode())
+
+
+def save_rank_journal(out: Path, rank: int, plan_hash: str, shards: dict) -> None:
+    """The shards process `rank` of a multi-process run finished (rank 0 merges them)."""
+    record = {"plan_hash": plan_hash, "shards": shards}
+    atomic_write(out / RANK_JOURNAL.format(rank), json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def merge_rank_journals(out: Path, journal: dict) -> None:
+    """Move the finished shards recorded by the processes of a multi-process run (this one, or an
+    earlier one with any number of processes) into the journal, and remove their files. Records of
+    another plan are dropped: those shards are written again."""
+    for path in sorted(out.glob("smile-journal.rank-*.json")):
+        if not _RANK_JOURNAL_PATTERN.fullmatch(path.name):
+            continue
+        where = str(path)
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SmileError(f"{path} is not valid JSON ({exc}); remove it to resume (its shards are written again).") from None
+        fields.check(record, "dict", where)
+        if fields.get(record, "plan_hash", "str", where) == journal["plan_hash"]:
+            for name, entry in fields.get(record, "shards", "dict", where).items():
+                fields.check(entry, "dict", f"{where}: shards[{name!r}]")
+                fields.get(entry, "sha256", "str", f"{where}: shards[{name!r}]")
+                fields.get(entry, "size", "int", f"{where}: shards[{name!r}]")
+                journal["shards"][name] = entry
+    save_journal(out, journal)
+    for path in out.glob("smile-journal.rank-*.json"):
+        if _RANK_JOURNAL_PATTERN.fullmatch(path.name):
+            path.unlink()
 
 
 def input_identities(plan: Plan) -> dict[str, dict]:
@@ -206,6 +240,7 @@ def open_output(out: Path, plan: Plan, overwrite: bool, say=print) -> tuple[Outp
                 "shards": {},
             }
         journal["inputs"] = inputs
+        merge_rank_journals(out, journal)  # shards finished by the processes of an earlier multi-process run
         # written before anything else, so a killed run is always recognised as unfinished; the
         # index goes next, so a repair run that stops half-way never leaves a finished-looking folder
         save_journal(out, journal)
@@ -258,7 +293,12 @@ def _is_own(path: Path, journal: dict) -> bool:
     name = path.name.removesuffix(".partial")
     if not path.is_file() or path.is_symlink():
         return False
-    return name in _OWN_NAMES or name in journal["shards"] or bool(_SHARD_PATTERN.fullmatch(name))
+    return (
+        name in _OWN_NAMES
+        or name in journal["shards"]
+        or bool(_SHARD_PATTERN.fullmatch(name))
+        or bool(_RANK_JOURNAL_PATTERN.fullmatch(name))
+    )
 
 
 def _names(paths: list[Path], limit: int = 6) -> str:

@@ -55,24 +55,35 @@ def write_shards(
     journal: dict,
     produce: Callable[[TensorPlan], torch.Tensor],
     on_shard: Callable[[ShardPlan, bool], None],
+    *,
+    only: set[str] | None = None,
+    record: Callable[[str, dict], None] | None = None,
+    index: bool = True,
 ) -> None:
-    """Write every shard not already finished, then the index. `produce` makes non-copied tensors.
+    """Write every shard not already finished (of `only`, when given), then the index (unless
+    `index` is False). `produce` makes non-copied tensors. A finished shard's entry goes to the
+    journal, or to `record(name, entry)` (a process of a multi-process run).
 
     The main thread only moves bytes (kernel copies, produced tensors). One worker thread, in
     order, hashes them and checks copied tensors for NaN/Inf, then commits each shard (fsync,
     rename, journal entry), so checksums and disk flushes overlap with the next tensors' work.
     """
 
+    def in_journal(name: str, entry: dict) -> None:
+        journal["shards"][name] = entry
+        save_journal(out, journal)
+
     def commit(shard: ShardPlan, writer: ShardWriter, number: int) -> None:
         digest = writer.commit()
         crash_point(f"shard-{number}-renamed")
-        journal["shards"][shard.filename] = {"sha256": digest, "size": shard.size}
-        save_journal(out, journal)
+        (record or in_journal)(shard.filename, {"sha256": digest, "size": shard.size})
         on_shard(shard, False)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="smile-commit") as worker:
         commits: list[Future] = []
         for number, shard in enumerate(plan.shards, 1):
+            if only is not None and shard.filename not in only:
+                continue
             done = journal["shards"].get(shard.filename)
             path = out / shard.filename
             if done and path.is_file() and path.stat().st_size == shard.size:
@@ -92,7 +103,8 @@ def write_shards(
                 raise
         for future in commits:
             future.result()
-    write_index(out, plan.shards, {"smile_plan_hash": plan.hash}, crash="index")
+    if index:
+        write_index(out, plan.shards, {"smile_plan_hash": plan.hash}, crash="index")
 
 
 def write_index(out: Path, shards: list[ShardPlan], metadata: dict, crash: str | None = None) -> None:

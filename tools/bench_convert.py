@@ -7,6 +7,7 @@ before every measurement when the system allows it (root), so each one starts co
 
     python tools/bench_convert.py            # reduced: 4-layer base + 3 LoRA; 1-layer base + 3 full experts
     python tools/bench_convert.py --full     # 32-layer base + 3 LoRA; 4-layer base + 3 full experts, randomized and exact
+    python tools/bench_convert.py --skip-lora --full-layers 4 --processes 1 2 --max-shard-size 1GB   # torchrun scaling
 """
 
 from __future__ import annotations
@@ -74,11 +75,14 @@ def timed_read(folders: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def run_conversion(base: Path, experts: list[Path], out: Path, *options: str) -> tuple[float, int, int]:
-    """(wall seconds, peak RssAnon bytes, output bytes) of one conversion in a subprocess."""
+def run_conversion(base: Path, experts: list[Path], out: Path, *options: str, processes: int = 1) -> tuple[float, int, int]:
+    """(wall seconds, peak RssAnon bytes, output bytes) of one conversion in a subprocess; with
+    `processes` > 1 under torchrun (the peak is then the launcher's: not reported)."""
     shutil.rmtree(out, ignore_errors=True)
     drop_caches()
-    command = [sys.executable, "-m", "smile_stream", "convert", "--base", str(base), "--out", str(out), "--quiet", *options]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    command = [*(launcher if processes > 1 else [sys.executable]), "-m", "smile_stream", "convert"]
+    command += ["--base", str(base), "--out", str(out), "--quiet", *options]
     for i, expert in enumerate(experts):
         command += ["--expert", f"e{i}={expert}"]
     start = time.perf_counter()
@@ -89,7 +93,7 @@ def run_conversion(base: Path, experts: list[Path], out: Path, *options: str) ->
     if code:
         raise SystemExit(f"conversion failed with exit code {code}: {' '.join(command)}")
     shards = sum(p.stat().st_size for p in out.glob("model-*.safetensors"))
-    return seconds, memory.peak, shards
+    return seconds, memory.peak if processes == 1 else 0, shards
 
 
 def planned_bytes(base: Path, experts: list[Path], *options: str) -> tuple[int, float]:
@@ -115,6 +119,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-lora", action="store_true")
     parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument(
+        "--processes", type=int, nargs="+", default=[1], help="full-expert job: process counts to compare (torchrun for > 1)"
+    )
+    parser.add_argument("--max-shard-size", help="full-expert job: shard size (parallelism is by shard)")
     args = parser.parse_args()
     lora_layers = args.lora_layers or (32 if args.full else 4)
     full_layers = args.full_layers or (4 if args.full else 1)
@@ -142,13 +150,18 @@ def main() -> None:
         base, fulls = inputs(work, "full", full_layers)
         copy_s = timed_copy(base, work / "copy")
         read_s = timed_read([base, *fulls])
-        for engine in engines:
+        for engine, processes in ((e, p) for e in engines for p in args.processes):
             options = ("--expert-rank", "128", "--svd", engine)
+            if args.max_shard_size:
+                options += ("--max-shard-size", args.max_shard_size)
             planned, plan_s = planned_bytes(base, fulls, *options)
-            wall, peak, written = run_conversion(base, fulls, work / "out-full", *options, "--device", args.device)
+            wall, peak, written = run_conversion(
+                base, fulls, work / "out-full", *options, "--device", args.device, processes=processes
+            )
+            launched = f", {processes} processes (torchrun)" if processes > 1 else ""
             rows.append(
                 (
-                    f"{full_layers}-layer base + 3 full, k=128, {engine}, {args.device}",
+                    f"{full_layers}-layer base + 3 full, k=128, {engine}, {args.device}{launched}",
                     wall,
                     copy_s,
                     read_s,
@@ -170,7 +183,7 @@ def main() -> None:
     for job, wall, copy_s, read_s, peak, written, planned, plan_s, _ in rows:
         print(
             f"| {job} | {wall:.1f} | {wall / copy_s:.2f}x ({copy_s:.1f} s) | {wall / read_s:.2f}x ({read_s:.1f} s) | "
-            f"{format_bytes(peak)} | {written:,} | {'yes' if written == planned else f'NO ({planned:,})'} | {plan_s:.2f} | {written / wall / 1e9:.2f} |"
+            f"{format_bytes(peak) if peak else '-'} | {written:,} | {'yes' if written == planned else f'NO ({planned:,})'} | {plan_s:.2f} | {written / wall / 1e9:.2f} |"
         )
 
 
