@@ -133,6 +133,17 @@ class Progress:
         )
 
 
+def placement_note(placed: dict[str, int], how: str) -> str:
+    """One line on how the unchanged base files reached the output."""
+    counts = ", ".join(f"{n} by {method}" for method, n in sorted(placed.items()))
+    line = f"base files placed whole: {counts}"
+    if how == "auto" and "copy" in placed:
+        line += " (no hard link or reflink possible: the output is on another filesystem, or it has no links)"
+    elif "hard link" in placed:
+        line += " (they share their bytes with the base: --base-files copy for an independent folder)"
+    return line
+
+
 def convert(
     base: str,
     experts: list[tuple[str, str]],
@@ -206,7 +217,9 @@ def _convert(base, experts, out: Path, options: Options, dry_run: bool, overwrit
                 save_rank_journal(out, world.rank, plan.hash, finished)
 
         with disk_errors(out):
-            write_shards(plan, out, journal, source, on_shard, only=owned, record=record, index=world is None)
+            placed = write_shards(plan, out, journal, source, on_shard, only=owned, record=record, index=world is None)
+            if placed:
+                progress.note(placement_note(placed, plan.options.base_files))
             if world is not None:
                 progress.note(f"waiting for the other {world.size - 1} process(es) to finish their shards")
                 distribute.barrier()  # every process has finished its shards

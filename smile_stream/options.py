@@ -25,7 +25,8 @@ def option(default, help: str, choices: tuple[str, ...] | None = None, kind: str
 
 @dataclass
 class Options:
-    """Conversion options; every field is part of the plan hash except `device` (only its kind is)."""
+    """Conversion options; every field is part of the plan hash except `base_files` and `device`
+    (only its kind is)."""
 
     gate_rank: int = option(8, "Router rank g: each expert's first g directions score it.")
     top_k: int = option(1, "Experts per token.")
@@ -49,6 +50,12 @@ class Options:
     svd: str = option("auto", "SVD for full fine-tunes.", ("auto", "exact", "randomized"))
     non_linear: str = option(
         "base", "Non-target parameters of full experts: from the base (default) or averaged.", ("base", "average")
+    )
+    base_files: str = option(
+        "auto",
+        "Base files that pass unchanged into the output: hard-link them (or reflink), else copy (auto, the default); "
+        "link (refuse to copy); copy (an independent folder).",
+        ("auto", "link", "copy"),
     )
     device: str = option("auto", "auto (default: CUDA when present), cpu, cuda, cuda:1 ...")
     trust_remote_code: bool = option(False, "Allow a base whose config asks for remote code.", flag=True)
@@ -125,13 +132,15 @@ class Options:
         words = []
         for spec in self.specs():
             value = getattr(self, spec.name)
-            if value != spec.default and spec.name != "device":
+            if value != spec.default and spec.name not in ("device", "base_files"):
                 words += [flag_name(spec)] if value is True else [flag_name(spec), str(value)]
         return words
 
     def record(self, device: str) -> dict:
+        """The settings the plan hash covers: not how base files are placed (the bytes are the same)."""
         settings = dataclasses.asdict(self)
         settings["device"] = torch.device(device).type
+        del settings["base_files"]
         return settings
 
 

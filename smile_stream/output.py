@@ -56,7 +56,8 @@ def atomic_write(path: Path, data: bytes, crash: str | None = None) -> None:
     """Write a small file so that it is either absent, or complete: temp file, fsync, rename."""
     tmp = path.with_name(path.name + ".partial")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # never write through a file left behind (it could be a link)
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

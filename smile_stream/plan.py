@@ -76,9 +76,13 @@ class TensorPlan:
 
 @dataclass
 class ShardPlan:
+    """One output shard: written tensor by tensor after `header`, or, with `source`, a base file
+    whose tensors all pass unchanged, placed whole (hard link, reflink or copy: `--base-files`)."""
+
     filename: str
     tensors: list[TensorPlan]
     header: bytes = b""
+    source: Path | None = None  # a base file passing unchanged: its header and tensors, in its order
 
     @property
     def size(self) -> int:
@@ -178,6 +182,33 @@ def layout(tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
     return shards
 
 
+def arrange(base: Checkpoint, tensors: list[TensorPlan], max_shard_size: int) -> list[ShardPlan]:
+    """The output shards: first each base file whose tensors all pass into the output unchanged (same
+    names, dtypes and bytes, none left out), as it is; then the other tensors (expert factors,
+    casts, averages, the rest of changed files) cut into new shards by `layout`. A conversion then
+    writes only what it adds, and the base files can be linked instead of copied."""
+    whole = []
+    for file in base.files:
+        unchanged = [t for t in tensors if t.role == "copy" and t.source is not None and t.source.file == file.path]
+        if len(unchanged) == len(file.tensors) and file.metadata.get("format") == "pt":
+            whole.append((file, unchanged))
+    placed = {id(t) for _, members in whole for t in members}
+    new = layout([t for t in tensors if id(t) not in placed], max_shard_size) if len(placed) < len(tensors) else []
+    total = len(whole) + len(new)
+    shards = [
+        ShardPlan("", sorted(members, key=lambda t: t.source.offset), _raw_header(file.path), Path(file.path).resolve())
+        for file, members in whole
+    ] + new
+    for i, shard in enumerate(shards):
+        shard.filename = SHARD_NAME.format(i + 1, total)
+    return shards
+
+
+def _raw_header(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(int.from_bytes(f.read(8), "little"))
+
+
 def _header(tensors: list[TensorPlan]) -> bytes:
     return safetensors_header([(t.name, t.dtype, t.shape) for t in tensors])
 
@@ -229,7 +260,7 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
     spectra = _energy_ranks(base, experts, options, device, modules, touched) if options.energy is not None else {}
 
     tensors = _output_tensors(base, modules, options, linears, changed, dropped)
-    shards = layout(tensors, options.max_shard_size)
+    shards = arrange(base, tensors, options.max_shard_size)
     config = _output_config(base, arch, experts, modules, options)
     if spectra:
         for name, module in modules.items():

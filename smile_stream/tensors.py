@@ -7,7 +7,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class SafetensorsFile:
     size: int
     header_sha256: str
     tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 def read_safetensors_header(path: str | Path) -> SafetensorsFile:
@@ -108,7 +109,7 @@ def read_safetensors_header(path: str | Path) -> SafetensorsFile:
             f"{path}: the tensors end at data offset {end} but the data section is {data_size} bytes. The file is truncated "
             "or corrupted; download or save it again."
         )
-    return SafetensorsFile(path, size, hashlib.sha256(raw).hexdigest(), tensors)
+    return SafetensorsFile(path, size, hashlib.sha256(raw).hexdigest(), tensors, metadata)
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:

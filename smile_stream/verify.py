@@ -18,7 +18,7 @@ from .errors import SmileError
 from .experts import open_expert
 from .load import check_smile_section, model_class
 from .modeling_smile import EXPERT_TENSORS, INDEX_FILE, check_format, unpack_factors
-from .output import JOURNAL, REMOTE_CODE, file_sha256, read_journal
+from .output import HASH_CHUNK, JOURNAL, REMOTE_CODE, file_sha256, read_journal
 from .sources import input_path, load_json, open_source
 from .tensors import DTYPES, FLOAT_CODES, TensorInfo, read_safetensors_header
 
@@ -142,6 +142,8 @@ def _check_journal(folder: Path, index: dict, problems: list[str], report: list[
         path = folder / shard
         if entry is None:
             problems.append(f"{JOURNAL} has no checksum for {shard}")
+        elif entry.get("placed") is not None and path.is_file():
+            _check_placed(path, entry, problems, report)
         elif path.is_file() and file_sha256(path) != entry["sha256"]:
             problems.append(f"{shard}: sha256 does not match the journal (the file changed or is corrupted)")
     metadata = journal.get("metadata", {})
@@ -160,6 +162,34 @@ def _check_journal(folder: Path, index: dict, problems: list[str], report: list[
     report.append(
         f"checksums of {len(journal['shards'])} shard(s) and {len(metadata)} metadata file(s) checked against {JOURNAL}"
     )
+
+
+def _check_placed(path: Path, entry: dict, problems: list[str], report: list[str]) -> None:
+    """A base file placed whole (`--base-files`): the same bytes as its source, unchanged since."""
+    where = f"{JOURNAL}: shards[{path.name!r}]"
+    source = Path(fields.get(entry, "source", "str", where))
+    how = fields.get(entry, "placed", "str", where)
+    stat = path.stat()
+    if stat.st_size != entry["size"]:
+        problems.append(f"{path.name}: {stat.st_size} bytes, but {entry['size']} were placed ({how} of {source})")
+    elif how == "hard link" and stat.st_mtime_ns != fields.get(entry, "mtime_ns", "int", where, stat.st_mtime_ns):
+        problems.append(
+            f"{path.name} is a hard link to {source}, and that file was modified after the conversion: the base was "
+            "edited in place (they share their bytes); convert again"
+        )
+    elif source.is_file() and source.stat().st_ino == stat.st_ino and source.stat().st_dev == stat.st_dev:
+        report.append(f"{path.name}: hard link to {source}, unchanged since the conversion")
+    elif source.is_file():
+        with open(source, "rb") as a, open(path, "rb") as b:
+            while True:
+                left, right = a.read(HASH_CHUNK), b.read(HASH_CHUNK)
+                if left != right:
+                    problems.append(f"{path.name} differs from {source}, the base file it was placed from ({how})")
+                    break
+                if not left:
+                    break
+    else:
+        report.append(f"{path.name}: placed by {how} from {source}, which is gone: its bytes cannot be compared")
 
 
 def _deep_check(smile: dict, tensors: dict[str, TensorInfo], samples: int, problems: list[str]) -> list[str]:

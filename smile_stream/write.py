@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import mmap
@@ -59,7 +60,7 @@ def write_shards(
     only: set[str] | None = None,
     record: Callable[[str, dict], None] | None = None,
     index: bool = True,
-) -> None:
+) -> dict[str, int]:
     """Write every shard not already finished (of `only`, when given), then the index (unless
     `index` is False). `produce` makes non-copied tensors. A finished shard's entry goes to the
     journal, or to `record(name, entry)` (a process of a multi-process run).
@@ -67,14 +68,27 @@ def write_shards(
     The main thread only moves bytes (kernel copies, produced tensors). One worker thread, in
     order, hashes them and checks copied tensors for NaN/Inf, then commits each shard (fsync,
     rename, journal entry), so checksums and disk flushes overlap with the next tensors' work.
+    Returns how many base files were placed by each method ("hard link", "reflink", "copy").
     """
 
     def in_journal(name: str, entry: dict) -> None:
         journal["shards"][name] = entry
         save_journal(out, journal)
 
+    def record_placed(shard: ShardPlan, path: Path, how: str, number: int) -> None:
+        crash_point(f"shard-{number}-renamed")
+        placed[how] = placed.get(how, 0) + 1
+        # no checksum (that would read the whole file): verify compares with the source instead
+        entry = {"sha256": "", "size": shard.size, "placed": how, "source": str(shard.source), "mtime_ns": path.stat().st_mtime_ns}
+        (record or in_journal)(shard.filename, entry)
+        on_shard(shard, False)
+
+    placed: dict[str, int] = {}
+
     def commit(shard: ShardPlan, writer: ShardWriter, number: int) -> None:
         digest = writer.commit()
+        if shard.source is not None:
+            placed["copy"] = placed.get("copy", 0) + 1
         crash_point(f"shard-{number}-renamed")
         (record or in_journal)(shard.filename, {"sha256": digest, "size": shard.size})
         on_shard(shard, False)
@@ -89,6 +103,13 @@ def write_shards(
             if done and path.is_file() and path.stat().st_size == shard.size:
                 on_shard(shard, True)
                 continue
+            if shard.source is not None and plan.options.base_files != "copy":
+                # a base file passing unchanged: linked whole if the filesystem can, else copied below
+                crash_point(f"shard-{number}-mid")
+                how = place_file(shard.source, path, plan.options.base_files == "link")
+                if how is not None:
+                    commits.append(worker.submit(record_placed, shard, path, how, number))
+                    continue
             for future in commits:
                 if future.done():
                     future.result()  # a failed commit (disk full at fsync, NaN found late) stops the run
@@ -105,6 +126,7 @@ def write_shards(
             future.result()
     if index:
         write_index(out, plan.shards, {"smile_plan_hash": plan.hash}, crash="index")
+    return placed
 
 
 def write_index(out: Path, shards: list[ShardPlan], metadata: dict, crash: str | None = None) -> None:
@@ -137,7 +159,10 @@ class ShardWriter:
     def fill(self, produce: Callable[[TensorPlan], torch.Tensor], number: int = 0) -> None:
         try:
             # opened inside the try: a Ctrl-C or SIGTERM right after the open still removes the file
-            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # a fresh file: a `.partial` left by a killed run may be a hard link to an input, and
+            # truncating it would destroy the input
+            self.tmp.unlink(missing_ok=True)
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self._append(len(self.shard.header).to_bytes(8, "little") + self.shard.header)
             for position, tensor in enumerate(self.shard.tensors):
                 if tensor.role == "copy":
@@ -254,6 +279,50 @@ def disk_errors(out: Path) -> Iterator[None]:
                 f"{out} cannot be written ({exc.strerror}: {exc.filename}). Choose a writable output folder."
             ) from None
         raise
+
+
+FICLONE = 0x40049409  # linux/fs.h: share the source's blocks copy-on-write (btrfs, XFS, bcachefs, ...)
+_LINK_ERRORS = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.ENOSYS)
+
+
+def place_file(source: Path, path: Path, required: bool) -> str | None:
+    """Put the input file `source` at `path` as a hard link, else a reflink (copy-on-write clone),
+    never opening an existing file for writing; None when the filesystem offers neither (the
+    caller copies it), or a SmileError when a link is `required` (`--base-files link`)."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        return "hard link"
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in _LINK_ERRORS:
+            raise
+    src, dst = os.open(source, os.O_RDONLY), None
+    try:
+        dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.ioctl(dst, FICLONE, src)
+        os.fsync(dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in (*_LINK_ERRORS, errno.EINVAL, errno.ENOTTY, errno.EBADF):
+            raise
+        if required:
+            raise SmileError(
+                f"--base-files link: {source} can be neither hard-linked nor reflinked into {path.parent} (another "
+                "filesystem, or one without links). Use --base-files auto to copy it, or an output folder on the "
+                "base's filesystem."
+            ) from None
+        return None
+    finally:
+        if dst is not None:
+            os.close(dst)
+        os.close(src)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return "reflink"
 
 
 def _kernel_copy(src: int, dst: int, offset: int, count: int) -> int:

@@ -53,7 +53,7 @@ def test_torchrun_writes_the_bytes_of_one_process(models, tmp_path, kind, nproc)
 
 
 def test_a_killed_rank_resumes_with_other_world_sizes(models, tmp_path):
-    # 1 process killed after its third shard -> 2 processes, rank 1 killed in the middle of its
+    # 1 process killed after its third shard -> 2 processes, rank 1 killed while committing its
     # second shard -> 1 process finishes; every finished shard is kept, and the bytes are a
     # single uninterrupted run's.
     base, experts = models("llama"), _experts(models, "full")
@@ -64,8 +64,9 @@ def test_a_killed_rank_resumes_with_other_world_sizes(models, tmp_path):
     assert killed.returncode != 0 and not (out / "model.safetensors.index.json").exists()
 
     plan = make_plan(str(base), experts, _options())
-    second_of_rank_1 = [i + 1 for i, owner in enumerate(deal(plan, 2)) if owner == 1 and i >= 3][1]
-    env = {"SMILE_STREAM_CRASH_AT": f"shard-{second_of_rank_1}-mid", "SMILE_STREAM_CRASH_RANK": "1"}
+    pending_of_rank_1 = [i + 1 for i, owner in enumerate(deal(plan, 2)) if owner == 1 and i + 1 > 3]
+    second_of_rank_1 = pending_of_rank_1[1]  # commits run in order: the first one is recorded by then
+    env = {"SMILE_STREAM_CRASH_AT": f"shard-{second_of_rank_1}-renamed", "SMILE_STREAM_CRASH_RANK": "1"}
     killed = _torchrun(2, base, experts, out, env=env)
     assert killed.returncode != 0, killed.stderr[-2000:]
     assert not (out / "model.safetensors.index.json").exists(), "never finished-looking after a rank died"

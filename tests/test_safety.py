@@ -90,7 +90,7 @@ def test_overwrite_removes_only_what_a_conversion_wrote(inputs, tmp_path, capsys
     (out / "drafts" / "model-00001-of-00001.safetensors").write_text("mine too")
     convert(str(base), [("a", str(lora))], out, Options(gate_rank=2), overwrite=True)
     said = capsys.readouterr().err
-    assert "--overwrite: removed 9 file(s) of the earlier conversion" in said and "README.md, config.json" in said
+    assert "--overwrite: removed 10 file(s) of the earlier conversion" in said and "README.md, config.json" in said
     assert "kept 2 it did not write: drafts/, notes.txt" in said
     assert (out / "notes.txt").read_text() == "mine" and (out / "drafts" / "model-00001-of-00001.safetensors").is_file()
     assert json.loads((out / "config.json").read_text())["smile"]["gate_rank"] == 2
@@ -297,7 +297,7 @@ def test_a_second_run_into_a_locked_folder_stops(inputs, tmp_path):
 def test_concurrent_runs_never_both_finish(inputs, tmp_path):
     base, lora = inputs
     out = tmp_path / "out"
-    args = ["convert", "--base", base, "--expert", f"a={lora}", "--out", out, "--gate-rank", "4", "--max-shard-size", "20KB"]
+    args = ["convert", "--base", base, "--expert", f"a={lora}", "--out", out, "--gate-rank", "4", "--max-shard-size", "2KB"]
     procs = [
         subprocess.Popen([sys.executable, "-m", "smile_stream", *map(str, args)], stderr=subprocess.PIPE, text=True)
         for _ in range(3)
@@ -362,7 +362,7 @@ def test_resume_refuses_inputs_saved_again_with_the_same_header(inputs, tmp_path
 
 def test_a_repair_that_stops_half_way_never_looks_finished(inputs, tmp_path):
     base, lora = inputs
-    args = ["convert", "--base", base, "--expert", f"a={lora}", "--gate-rank", "4", "--max-shard-size", "20KB"]
+    args = ["convert", "--base", base, "--expert", f"a={lora}", "--gate-rank", "4", "--max-shard-size", "2KB"]
     out = tmp_path / "out"
     assert cli(*args, "--out", out).returncode == 0
     shards = sorted(out.glob("model-*.safetensors"))
@@ -554,7 +554,7 @@ def test_verify_on_broken_files_exits_2_naming_them(inputs, tmp_path):
 @pytest.mark.parametrize("signame, point", [("SIGTERM", "shard-2-mid"), ("SIGHUP", "shard-3-renamed"), ("SIGTERM", "index")])
 def test_termination_signals_clean_up_and_resume(inputs, tmp_path, signame, point):
     base, lora = inputs
-    args = ["convert", "--base", base, "--expert", f"a={lora}", "--gate-rank", "4", "--max-shard-size", "20KB"]
+    args = ["convert", "--base", base, "--expert", f"a={lora}", "--gate-rank", "4", "--max-shard-size", "2KB"]
     reference = tmp_path / "ref" / "out"
     assert cli(*args, "--out", reference).returncode == 0
     out = tmp_path / "out"
