@@ -139,6 +139,16 @@ def describe(plan: Plan) -> str:
         lines.append(f"energy   --expert-rank energy:{opts.energy} (cap {opts.max_expert_rank or 'each kind default'}):")
         lines += [f"         {row}" for row in energy]
     lines += non_target_notes(plan)
+    how = {
+        "auto": "placed whole from the base (hard link, else reflink, else copy)",
+        "link": "placed whole from the base (hard link, else reflink)",
+        "copy": "copied whole from the base (read and checked)",
+    }[opts.base_files]
+    for shard in (s for s in plan.shards if s.source is not None):
+        lines.append(f"shard    {shard.filename} {how}: {shard.source.name}, {shard.size / 1e6:,.1f} MB")
+    new = [s for s in plan.shards if s.source is None]
+    if new:
+        lines.append(f"shards   {len(new)} new shard(s) written: {sum(s.size for s in new) / 1e6:,.1f} MB")
     overhead = plan.added_params / max(plan.base_params, 1)
     lines.append(
         f"output   {plan.output_bytes / 1e6:,.1f} MB in {len(plan.shards)} shard(s); "

@@ -96,6 +96,23 @@ def run_conversion(base: Path, experts: list[Path], out: Path, *options: str, pr
     return seconds, memory.peak if processes == 1 else 0, shards
 
 
+def new_disk(folder: Path) -> int:
+    """Bytes of the folder's files that share no storage with another file (not hard links)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.stat().st_nlink == 1)
+
+
+def expert_bytes(folder: Path) -> int:
+    """Bytes of the SMILE expert tensors in a converted folder (from its shard headers)."""
+    from smile_stream.modeling_smile import EXPERT_TENSORS
+    from smile_stream.tensors import read_safetensors_header
+
+    total = 0
+    for shard in folder.glob("model-*.safetensors"):
+        for name, info in read_safetensors_header(shard).tensors.items():
+            total += info.nbytes if name.rsplit(".", 1)[-1] in EXPERT_TENSORS else 0
+    return total
+
+
 def planned_bytes(base: Path, experts: list[Path], *options: str) -> tuple[int, float]:
     """The plan's predicted shard bytes, and the time the plan (all validation) takes in-process."""
     from smile_stream import Options, make_plan
@@ -123,6 +140,9 @@ def main() -> None:
         "--processes", type=int, nargs="+", default=[1], help="full-expert job: process counts to compare (torchrun for > 1)"
     )
     parser.add_argument("--max-shard-size", help="full-expert job: shard size (parallelism is by shard)")
+    parser.add_argument(
+        "--base-files", nargs="+", default=["auto", "copy"], help="LoRA job: how base files are placed (auto links them)"
+    )
     args = parser.parse_args()
     lora_layers = args.lora_layers or (32 if args.full else 4)
     full_layers = args.full_layers or (4 if args.full else 1)
@@ -140,11 +160,14 @@ def main() -> None:
         copy_s = timed_copy(base, work / "copy")
         read_s = timed_read([base, *loras])
         planned, plan_s = planned_bytes(base, loras)
-        wall, peak, written = run_conversion(base, loras, work / "out-lora", "--device", args.device)
-        rows.append(
-            (f"{lora_layers}-layer base + 3 LoRA r=16", wall, copy_s, read_s, peak, written, planned, plan_s, folder_bytes(base))
-        )
-        shutil.rmtree(work / "out-lora")
+        for mode in args.base_files:
+            wall, peak, written = run_conversion(base, loras, work / "out-lora", "--device", args.device, "--base-files", mode)
+            job = f"{lora_layers}-layer base + 3 LoRA r=16, --base-files {mode}"
+            rows.append((job, wall, copy_s, read_s, peak, written, planned, plan_s, folder_bytes(base)))
+            disk = new_disk(work / "out-lora")
+            experts = expert_bytes(work / "out-lora")
+            print(f"  {mode}: new disk {disk:,} bytes = {disk / experts:.3f}x the expert tensors' {experts:,}", flush=True)
+            shutil.rmtree(work / "out-lora")
 
     if not args.skip_full:
         base, fulls = inputs(work, "full", full_layers)
