@@ -200,9 +200,7 @@ def _max_memory(text: str | None) -> dict | None:
     return limits
 
 
-def _load_for_running(
-    folder: Path, routing: str | None, device_map: str, offload_folder: str | None, max_memory: str | None = None
-):
+def _load_for_running(folder: Path, routing: str | None, run: dict):
     """A converted folder's model (package code, no remote code) and its tokenizer."""
     import transformers
 
@@ -212,10 +210,10 @@ def _load_for_running(
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise SmileError(f"{folder} has no usable tokenizer ({exc}); the base's tokenizer files are copied by convert.") from None
-    extra = {"offload_folder": offload_folder} if offload_folder else {}
-    if max_memory:
-        extra["max_memory"] = _max_memory(max_memory)
-    model = load_model(folder, routing=routing, device_map=device_map, **extra).eval()
+    extra = {"offload_folder": run["offload_folder"]} if run["offload_folder"] else {}
+    if run["max_memory"]:
+        extra["max_memory"] = _max_memory(run["max_memory"])
+    model = load_model(folder, routing=routing, device_map=run["device_map"], **extra).eval()
     return model, tokenizer
 
 
@@ -257,20 +255,7 @@ def run_options(command):
 @click.option("--png", type=click.Path(dir_okay=False), help="Also draw the heatmap(s) to this PNG (needs smile-stream[plot]).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the routing as JSON.")
 @run_options
-def route(
-    folder,
-    prompt,
-    prompt_file,
-    new_tokens,
-    modes,
-    png,
-    json_path,
-    no_chat_template,
-    device_map,
-    offload_folder,
-    max_memory,
-    debug,
-) -> None:
+def route(folder, prompt, prompt_file, new_tokens, modes, png, json_path, **run) -> None:
     """Show which expert each layer routes each token of a prompt to.
 
     One row per token, one letter per layer: the expert holding most of the layer's routing weight
@@ -292,8 +277,8 @@ def route(
             prompt = Path(prompt_file).read_text(encoding="utf-8")
         if not prompt:
             raise SmileError("No prompt: pass it as an argument or with --prompt-file FILE.")
-        model, tokenizer = _load_for_running(folder, None, device_map, offload_folder, max_memory)
-        ids, _ = encode(tokenizer, prompt, chat=_uses_chat(tokenizer, no_chat_template))
+        model, tokenizer = _load_for_running(folder, None, run)
+        ids, _ = encode(tokenizer, prompt, chat=_uses_chat(tokenizer, run["no_chat_template"]))
         routings = []
         for mode in modes or [model.config.smile.get("routing", "module")]:
             model.set_smile_routing(mode)
@@ -305,7 +290,7 @@ def route(
         if json_path:
             Path(json_path).write_text(json.dumps([r.as_json() for r in routings], indent=1))
     except (SmileError, Exception) as exc:  # noqa: BLE001
-        _fail(debug, exc)
+        _fail(run["debug"], exc)
 
 
 @main.command()
@@ -336,22 +321,7 @@ def route(
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @run_options
 def evaluate(
-    folder,
-    tasks_path,
-    with_inputs,
-    sources,
-    mixed,
-    routing,
-    batch_size,
-    max_new_tokens,
-    json_path,
-    png,
-    quiet,
-    no_chat_template,
-    device_map,
-    offload_folder,
-    max_memory,
-    debug,
+    folder, tasks_path, with_inputs, sources, mixed, routing, batch_size, max_new_tokens, json_path, png, quiet, **run
 ) -> None:
     """Score a SMILE model (and with --experts its inputs) on your own tasks.
 
@@ -371,8 +341,8 @@ def evaluate(
     try:
         items = read_tasks(tasks_path)
         overrides = dict(_parse_expert(s) for s in sources)
-        model, tokenizer = _load_for_running(folder, routing, device_map, offload_folder, max_memory)
-        chat = _uses_chat(tokenizer, no_chat_template)
+        model, tokenizer = _load_for_running(folder, routing, run)
+        chat = _uses_chat(tokenizer, run["no_chat_template"])
         settings = dict(chat=chat, mixed=mixed, batch=batch_size, max_new_tokens=max_new_tokens)
 
         def scored(name: str, model) -> dict:
@@ -382,7 +352,7 @@ def evaluate(
         results = {"smile": scored("smile", model)}
         del model
         if with_inputs:
-            extra = {} if device_map == "auto" else {"device_map": device_map}
+            extra = {} if run["device_map"] == "auto" else {"device_map": run["device_map"]}
             for name, other in input_models(folder, overrides, **extra):
                 results[name] = scored(name, other)
                 del other
@@ -393,7 +363,7 @@ def evaluate(
             bar_chart(results, Path(png))
             click.echo(f"chart: {png}")
     except (SmileError, Exception) as exc:  # noqa: BLE001
-        _fail(debug, exc)
+        _fail(run["debug"], exc)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,13 @@ def write_shards(
         crash_point(f"shard-{number}-renamed")
         placed[how] = placed.get(how, 0) + 1
         # no checksum (that would read the whole file): verify compares with the source instead
-        entry = {"sha256": "", "size": shard.size, "placed": how, "source": str(shard.source), "mtime_ns": path.stat().st_mtime_ns}
+        entry = {
+            "sha256": "",
+            "size": shard.size,
+            "placed": how,
+            "source": str(shard.source),
+            "mtime_ns": path.stat().st_mtime_ns,
+        }
         (record or in_journal)(shard.filename, entry)
         on_shard(shard, False)
 

@@ -34,14 +34,19 @@ def _ids(vocab: int = 300, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (2, 6), generator=torch.Generator().manual_seed(seed))
 
 
-def _oracle_logits(models, family, names, ids, top_k=TOP_K):
+def _oracle(models, family, names, top_k=TOP_K):
+    """The float64 oracle model of these adapters on the family's base."""
     base = models(family)
     experts = []
     for name in names:
         deltas = lora_deltas(base, models(f"{family}:lora_{name}", **ADAPTERS[name]))
         experts.append({m: (d, None, d.shape[0]) for m, d in deltas.items()})
+    return oracle_model(base, experts, GATE_RANK, top_k)
+
+
+def _oracle_logits(models, family, names, ids, top_k=TOP_K):
     with torch.no_grad():
-        return oracle_model(base, experts, GATE_RANK, top_k)(ids.long()).logits
+        return _oracle(models, family, names, top_k)(ids.long()).logits
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +86,9 @@ def test_backbone_through_automodel_equals_oracle(models, converted, family):
     model = transformers.AutoModel.from_pretrained(str(out), trust_remote_code=True)
     assert type(model).__name__ == f"Smile{type(model).__mro__[1].__name__}" and not hasattr(model, "lm_head")
     assert sum(type(m).__name__ == "SmileLinear" for m in model.modules()) > 0
-    base = models(family)
-    experts = []
-    for name in ADAPTERS:
-        deltas = lora_deltas(base, models(f"{family}:lora_{name}", **ADAPTERS[name]))
-        experts.append({m: (d, None, d.shape[0]) for m, d in deltas.items()})
     with torch.no_grad():
         hidden = model(ids, attention_mask=torch.ones_like(ids)).last_hidden_state.double()
-        oracle = oracle_model(base, experts, GATE_RANK, TOP_K)
+        oracle = _oracle(models, family, list(ADAPTERS))
         expected = oracle(ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states[-1]
     torch.testing.assert_close(hidden, expected, rtol=2e-4, atol=2e-4)
 

@@ -20,6 +20,10 @@ from smile_stream.route import layer_of, route_prompt
 ADAPTERS = {"a": dict(r=8, targets="all-linear", seed=51), "b": dict(r=8, targets="all-linear", seed=52)}
 
 
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "smile_stream", *map(str, args)], capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def smile_folder(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("route") / "smile"
@@ -70,27 +74,20 @@ def test_route_reports_the_oracles_choices(models, smile_folder, routing):
 
 def test_route_command_terminal_png_json(smile_folder, tmp_path):
     png, out = tmp_path / "r.png", tmp_path / "r.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "smile_stream",
-            "route",
-            str(smile_folder),
-            "hello",
-            "--generate",
-            "2",
-            "--routing",
-            "module",
-            "--routing",
-            "sequence",
-            "--png",
-            str(png),
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    run = _cli(
+        "route",
+        str(smile_folder),
+        "hello",
+        "--generate",
+        "2",
+        "--routing",
+        "module",
+        "--routing",
+        "sequence",
+        "--png",
+        str(png),
+        "--json",
+        str(out),
     )
     assert run.returncode == 0, run.stderr
     assert "routing: module" in run.stdout and "routing: sequence" in run.stdout and "share: a " in run.stdout
@@ -101,7 +98,7 @@ def test_route_command_terminal_png_json(smile_folder, tmp_path):
     assert image.size[0] > 300 and image.size[1] > 200
     colours = image.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 10, "a picture, not a blank canvas"
-    run = subprocess.run([sys.executable, "-m", "smile_stream", "route", str(smile_folder)], capture_output=True, text=True)
+    run = _cli("route", str(smile_folder))
     assert run.returncode == 2 and "No prompt" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -174,28 +171,21 @@ def test_evaluate_command_with_the_experts(models, smile_folder, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps({"task": i.task, "prompt": i.prompt, "answer": i.answer}) + "\n" for i in items))
     out, png = tmp_path / "scores.json", tmp_path / "scores.png"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "smile_stream",
-            "evaluate",
-            str(smile_folder),
-            "--tasks",
-            str(tasks),
-            "--experts",
-            "--mixed",
-            "--max-new-tokens",
-            "4",
-            "--json",
-            str(out),
-            "--png",
-            str(png),
-            "--batch-size",
-            "3",
-        ],
-        capture_output=True,
-        text=True,
+    run = _cli(
+        "evaluate",
+        str(smile_folder),
+        "--tasks",
+        str(tasks),
+        "--experts",
+        "--mixed",
+        "--max-new-tokens",
+        "4",
+        "--json",
+        str(out),
+        "--png",
+        str(png),
+        "--batch-size",
+        "3",
     )
     assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())
@@ -234,20 +224,5 @@ def test_evaluate_experts_that_moved(smile_folder, tmp_path):
     (moved / "config.json").write_text(json.dumps(config))
     tasks = tmp_path / "t.jsonl"
     tasks.write_text('{"task": "a", "prompt": "p", "answer": "x"}\n')
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "smile_stream",
-            "evaluate",
-            str(moved),
-            "--tasks",
-            str(tasks),
-            "--experts",
-            "--max-new-tokens",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    run = _cli("evaluate", str(moved), "--tasks", str(tasks), "--experts", "--max-new-tokens", "1")
     assert run.returncode == 2 and "--source a=PATH" in run.stderr and "Traceback" not in run.stderr, run.stderr
