@@ -112,7 +112,7 @@ class Progress:
 
     def shard(self, shard: ShardPlan, kept: bool) -> None:
         self.finished.add(shard.filename)
-        if self.world is not None and self.out is not None:
+        if self.world is not None and self.out is not None and not self.quiet:
             for path in self.out.glob("smile-journal.rank-*.json"):
                 try:
                     self.finished |= set(json.loads(path.read_text())["shards"])

@@ -101,7 +101,8 @@ def from_leader(world: World, work):
 def deal(plan: Plan, size: int) -> list[int]:
     """The rank that writes each shard. Consecutive shards that share a decoder layer's expert
     tensors (only when one layer outgrows a shard) stay together; each group goes, largest cost
-    first, to the rank with the least work so far. Cost: the shard's bytes, plus for every dense
+    first, to the rank with the least work so far. Cost: the bytes to write (none for a linked base
+    file), plus for every dense
     delta it factors about 50 byte-copies' worth per weight element (the SVD, which dominates for
     full fine-tunes; LoRA factors cost little next to copying)."""
     groups: list[list[int]] = []
@@ -115,7 +116,8 @@ def deal(plan: Plan, size: int) -> list[int]:
     costs = []
     for members in groups:
         modules = {t.module for i in members for t in plan.shards[i].tensors if t.module}
-        cost = sum(plan.shards[i].size for i in members)
+        # a base file placed whole is a link (nothing to write) unless --base-files copy
+        cost = sum(plan.shards[i].size for i in members if plan.shards[i].source is None or plan.options.base_files == "copy")
         for name in modules:
             module = plan.modules[name]
             dense = sum(1 for i in module.experts if plan.experts[i].engine == "svd")
