@@ -328,8 +328,8 @@ class SmileLinear(nn.Module):
         # One token on the CPU without autograd (decoding): the packed single-GEMV path, see
         # `_decode_pack`. The checks are ordered cheapest first: they run 210 times per token.
         if x.numel() == self.in_features and not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling():
-            pack, params = self.__dict__.get("_pack"), self._parameters
-            if pack is None or pack[0] != (params["weight"].data_ptr(), params["expert_down"]._version):
+            pack, down = self.__dict__.get("_pack"), self._parameters["expert_down"]
+            if pack is None or pack[0] != (down.data_ptr(), down._version):
                 pack = self._decode_pack()
             if pack is not None:
                 return self._decode_one(x, pack)
@@ -396,50 +396,44 @@ class SmileLinear(nn.Module):
         return choices
 
     def _decode_pack(self) -> tuple | None:
-        """The single-token CPU layout, built on first use and whenever the parameters change.
+        """The single-token CPU layout of the experts, built on first use and again whenever
+        `expert_down` is replaced, moved or edited in place.
 
-        One token of one sequence is memory-bound, and every tensor op after the base GEMV costs
-        several microseconds (more than its bytes), so the layer does three: one GEMV over a
-        buffer holding W0 and then each expert's down rows (router rows first) as one block, the
-        transfer of those sum k_i values to Python for routing, and one addmm per routed expert
-        with its contiguous rows of `expert_up`. `weight` and `bias` become views of that buffer
-        (no second copy of W0); the down rows are a copy in per-expert order (sum k_i rows, small
-        next to W0). Not built for modules whose weights accelerate offloads (they move each call).
+        One token of one sequence is memory-bound, and every tensor op beside the base GEMV costs
+        several microseconds (more than its bytes), so the layer does three more: one GEMV over a
+        copy of every expert's down rows laid out expert by expert (router rows first, sum k_i
+        rows: small next to W0), one transfer of those values to Python for routing, and one addmm
+        per routed expert with its contiguous rows of `expert_up`. W0 is left as loaded (no second
+        copy, and memory-mapped weights stay mapped). Not built for modules whose weights
+        accelerate offloads (they move each call).
         """
-        weight, bias, down, up = self.weight, self.bias, self.expert_down, self.expert_up
+        down, up = self.expert_down, self.expert_up
         hook = getattr(self, "_hf_hook", None)
-        if weight.device.type != "cpu" or getattr(hook, "offload", False):
+        if down.device.type != "cpu" or getattr(hook, "offload", False):
             return None
-        blocks, gates, experts, start = [weight.detach()], [], [], self.out_features
+        blocks, gates, experts, start = [], [], [], 0
         for gate_rows, rest_rows, up_rows in self._rows:
             blocks += [down.detach()[gate_rows], down.detach()[rest_rows]]
             rank = up_rows.stop - up_rows.start
-            gates.append((start - self.out_features, start - self.out_features + gate_rows.stop - gate_rows.start))
+            gates.append((start, start + gate_rows.stop - gate_rows.start))
             experts.append((start, start + rank, up.detach()[up_rows]))
             start += rank
-        with torch.no_grad():
-            fused = torch.cat(blocks)
-            weight.data = fused[: self.out_features]
-            fused_bias = None
-            if bias is not None:
-                fused_bias = torch.cat([bias.detach(), bias.new_zeros(start - self.out_features)])
-                bias.data = fused_bias[: self.out_features]
-        pack = ((weight.data_ptr(), down._version), fused, fused_bias, gates, experts)
+        pack = ((down.data_ptr(), down._version), torch.cat(blocks), gates, experts)
         self.__dict__["_pack"] = pack
         return pack
 
     def _decode_one(self, x: torch.Tensor, pack: tuple) -> torch.Tensor:
-        _, fused, fused_bias, gates, experts = pack
-        full = F.linear(x, fused, fused_bias)
-        flat = full.view(-1)
-        values = flat[self.out_features :].tolist()
-        out = flat[: self.out_features].view(1, -1)
+        _, downs, gates, experts = pack
+        y = F.linear(x, self.weight, self.bias)
+        h = F.linear(x, downs).view(-1)
+        values = h.tolist()
+        out = y.view(1, -1)
         for expert, weight in self._route_one([math.hypot(*values[first:last]) for first, last in gates]):
             start, stop, up = experts[expert]
-            out.addmm_(flat[start:stop].view(1, -1), up, alpha=weight)
+            out.addmm_(h[start:stop].view(1, -1), up, alpha=weight)
             if self.expert_bias is not None:
                 out.add_(self.expert_bias[expert], alpha=weight)
-        return full[..., : self.out_features]
+        return y
 
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, torch.Tensor) or name in self.__dict__.get("_parameters", ()):
