@@ -325,7 +325,7 @@ class SmileLinear(nn.Module):
         return torch.zeros_like(logits).scatter_(-1, index, top)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One token on the CPU without autograd (decoding): the packed single-GEMV path, see
+        # One token on the CPU without autograd (decoding): the few-op path of
         # `_decode_pack`. The checks are ordered cheapest first: they run 210 times per token.
         if x.numel() == self.in_features and not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling():
             pack, down = self.__dict__.get("_pack"), self._parameters["expert_down"]
