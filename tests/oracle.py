@@ -57,7 +57,7 @@ class OracleSmileLinear(nn.Module):
         super().__init__()
         self.pool: OraclePool | None = None  # pooled routing: shared with the model's other oracle modules
         self.expert_ids = list(range(len(experts)))
-        self.record: list[dict[int, float]] | None = None
+        self.record: list[tuple[dict[int, float], float]] | None = None
         self.w0 = weight.detach().double()
         self.b0 = None if bias is None else bias.detach().double()
         self.top_k = min(top_k, len(experts))
@@ -101,8 +101,12 @@ class OracleSmileLinear(nn.Module):
                 _, approx, bias = self.experts[i]
                 y = y + weight * (approx @ token + (0 if bias is None else bias))
                 picked[self.expert_ids[i]] = weight
-            if self.record is not None:  # each token's routing: {expert (model-wide index): weight}
-                self.record.append(picked)
+            if self.record is not None:  # each token's routing {expert (model-wide): weight}, and how
+                ranked = choose.sort(descending=True).values  # clear the choice was (relative margin)
+                margin = (
+                    float((ranked[self.top_k - 1] - ranked[self.top_k]) / ranked[0].abs()) if len(ranked) > self.top_k else 1.0
+                )
+                self.record.append((picked, margin))
             rows.append(y)
         return torch.stack(rows).reshape(*x.shape[:-1], -1).to(x.dtype)
 

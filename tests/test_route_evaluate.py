@@ -32,8 +32,10 @@ def smile_folder(models, tmp_path_factory):
     return out
 
 
-def _oracle_routing(models, ids: list[int], routing: str, top_k: int = 1) -> torch.Tensor:
-    """(tokens, layers, experts): the oracle's routing weights, summed over each layer's modules."""
+def _oracle_routing(models, ids: list[int], routing: str, top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, layers, experts): the oracle's routing weights, summed over each layer's modules;
+    and (tokens, layers): the smallest relative margin of a choice there (near ties may go either
+    way in float32)."""
     base = models("llama")
     experts = []
     for name, kw in ADAPTERS.items():
@@ -49,11 +51,13 @@ def _oracle_routing(models, ids: list[int], routing: str, top_k: int = 1) -> tor
         model(tensor, attention_mask=torch.ones_like(tensor))
     count = len({layer_of(n) for n in layers})
     out = torch.zeros(len(ids), count, len(ADAPTERS), dtype=torch.float64)
+    margins = torch.ones(len(ids), count, dtype=torch.float64)
     for name, record in layers.items():
-        for t, picked in enumerate(record):
+        for t, (picked, margin) in enumerate(record):
             for expert, weight in picked.items():
                 out[t, layer_of(name), expert] += weight
-    return out
+            margins[t, layer_of(name)] = min(margins[t, layer_of(name)], margin)
+    return out, margins
 
 
 @pytest.mark.parametrize("routing", ["module", "token", "sequence"])
@@ -67,8 +71,10 @@ def test_route_reports_the_oracles_choices(models, smile_folder, routing):
     assert result.prompt_tokens == len(ids) and len(result.tokens) == len(ids) + 3
     generated = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, pad_token_id=0)[0].tolist()
     sequence = generated[:-1]
-    expected = _oracle_routing(models, sequence, routing)
-    torch.testing.assert_close(result.weights.double(), expected, rtol=1e-5, atol=1e-5)
+    expected, margins = _oracle_routing(models, sequence, routing)
+    clear = margins > 1e-4  # cells where no module's choice was a near tie (float32 may break it either way)
+    assert clear.float().mean() > 0.9
+    torch.testing.assert_close(result.weights.double()[clear], expected[clear], rtol=1e-5, atol=1e-5)
     assert sum(result.shares()) == pytest.approx(1.0)
 
 
@@ -160,7 +166,7 @@ def test_evaluate_routing_share_is_the_oracles(models, smile_folder):
     results = evaluate(model, tokenizer, items, chat=False, batch=2, max_new_tokens=2)
     for expert, item in enumerate(items):
         ids, prompt_len = encode(tokenizer, item.prompt, item.answer, chat=False)
-        routed = _oracle_routing(models, ids, "sequence")[prompt_len:].sum((0, 1))
+        routed = _oracle_routing(models, ids, "sequence")[0][prompt_len:].sum((0, 1))
         assert results[item.task]["routing"] == pytest.approx(float(routed[expert] / routed.sum()), abs=1e-6)
 
 
