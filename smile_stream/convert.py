@@ -16,7 +16,7 @@ from . import distribute
 from .factorize import Factorizer, prefetch
 from .measure import PeakMemory, format_bytes, now
 from .options import Options
-from .output import crash_point, merge_rank_journals, open_output, save_rank_journal
+from .output import crash_point, merge_rank_journals, open_output, rank_journals, save_rank_journal
 from .plan import Plan, ShardPlan, TensorPlan, make_plan
 from .report import describe, non_target_notes
 from .tensors import DTYPES, cast
@@ -113,7 +113,7 @@ class Progress:
     def shard(self, shard: ShardPlan, kept: bool) -> None:
         self.finished.add(shard.filename)
         if self.world is not None and self.out is not None and not self.quiet:
-            for path in self.out.glob("smile-journal.rank-*.json"):
+            for path in rank_journals(self.out):
                 try:
                     self.finished |= set(json.loads(path.read_text())["shards"])
                 except (OSError, ValueError, KeyError, TypeError):

@@ -6,7 +6,7 @@ messages over gloo (plan hashes, rank 0's verdict on the output folder, finished
 serve compute alone: each rank factors on `cuda:LOCAL_RANK`. Every rank makes the same plan and
 checks that it agrees with the others; the shards are dealt out by cost (`deal`), whole decoder
 layers per shard, so no layer is factored twice; each rank writes its own shards and records them
-in its own journal file (`rank_journal`); rank 0 alone locks the folder, writes the metadata and,
+in its own journal file (`output.save_rank_journal`); rank 0 alone locks the folder, writes the metadata and,
 after everyone has finished, merges the records and writes the index. A rank that dies stops the
 others (torchrun ends the group; a lost peer times out the final barrier), the folder never looks
 finished, and the same command resumes with any number of processes.
@@ -43,13 +43,14 @@ class World:
 def join() -> tuple[World | None, bool]:
     """This process's place in a multi-process launch (None when it runs alone), and whether this
     call started the process group (then `leave` ends it)."""
-    if dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))), False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None, False
-    timeout = float(os.environ.get("SMILE_STREAM_TIMEOUT", DEFAULT_TIMEOUT))
-    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))), True
+    started = False
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return None, False
+        timeout = float(os.environ.get("SMILE_STREAM_TIMEOUT", DEFAULT_TIMEOUT))
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+        started = True
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))), started
 
 
 def leave(started: bool) -> None:
@@ -102,9 +103,8 @@ def deal(plan: Plan, size: int) -> list[int]:
     """The rank that writes each shard. Consecutive shards that share a decoder layer's expert
     tensors (only when one layer outgrows a shard) stay together; each group goes, largest cost
     first, to the rank with the least work so far. Cost: the bytes to write (none for a linked base
-    file), plus for every dense
-    delta it factors about 50 byte-copies' worth per weight element (the SVD, which dominates for
-    full fine-tunes; LoRA factors cost little next to copying)."""
+    file), plus for every dense delta it factors about 50 byte-copies' worth per weight element (the
+    SVD, which dominates for full fine-tunes; LoRA factors cost little next to copying)."""
     groups: list[list[int]] = []
     previous: set[int] = set()
     for index, shard in enumerate(plan.shards):

@@ -92,10 +92,7 @@ def read_journal(out: Path) -> dict | None:
     fields.get(journal, "format_version", "int", where)
     fields.get(journal, "plan_hash", "str", where)
     fields.get(journal, "record", "dict", where)
-    for name, entry in fields.get(journal, "shards", "dict", where).items():
-        fields.check(entry, "dict", f"{where}: shards[{name!r}]")
-        fields.get(entry, "sha256", "str", f"{where}: shards[{name!r}]")
-        fields.get(entry, "size", "int", f"{where}: shards[{name!r}]")
+    _shard_records(journal, where)
     for key in ("inputs", "metadata"):
         for name, value in fields.get(journal, key, "dict", where, {}).items():
             fields.check(value, "dict" if key == "inputs" else "str", f"{where}: {key}[{name!r}]")
@@ -112,13 +109,27 @@ def save_rank_journal(out: Path, rank: int, plan_hash: str, shards: dict) -> Non
     atomic_write(out / RANK_JOURNAL.format(rank), json.dumps(record, indent=1, sort_keys=True).encode())
 
 
+def _shard_records(journal: dict, where: str) -> dict:
+    """A journal's `shards`: {shard file: {"sha256": str, "size": int, ...}}, each field of its type."""
+    shards = fields.get(journal, "shards", "dict", where)
+    for name, entry in shards.items():
+        fields.check(entry, "dict", f"{where}: shards[{name!r}]")
+        fields.get(entry, "sha256", "str", f"{where}: shards[{name!r}]")
+        fields.get(entry, "size", "int", f"{where}: shards[{name!r}]")
+    return shards
+
+
+def rank_journals(out: Path) -> list[Path]:
+    """The journal files of the processes of a multi-process run, in `out`."""
+    return sorted(p for p in out.glob("smile-journal.rank-*.json") if _RANK_JOURNAL_PATTERN.fullmatch(p.name))
+
+
 def merge_rank_journals(out: Path, journal: dict) -> None:
     """Move the finished shards recorded by the processes of a multi-process run (this one, or an
     earlier one with any number of processes) into the journal, and remove their files. Records of
     another plan are dropped: those shards are written again."""
-    for path in sorted(out.glob("smile-journal.rank-*.json")):
-        if not _RANK_JOURNAL_PATTERN.fullmatch(path.name):
-            continue
+    paths = rank_journals(out)
+    for path in paths:
         where = str(path)
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
@@ -126,15 +137,10 @@ def merge_rank_journals(out: Path, journal: dict) -> None:
             raise SmileError(f"{path} is not valid JSON ({exc}); remove it to resume (its shards are written again).") from None
         fields.check(record, "dict", where)
         if fields.get(record, "plan_hash", "str", where) == journal["plan_hash"]:
-            for name, entry in fields.get(record, "shards", "dict", where).items():
-                fields.check(entry, "dict", f"{where}: shards[{name!r}]")
-                fields.get(entry, "sha256", "str", f"{where}: shards[{name!r}]")
-                fields.get(entry, "size", "int", f"{where}: shards[{name!r}]")
-                journal["shards"][name] = entry
+            journal["shards"].update(_shard_records(record, where))
     save_journal(out, journal)
-    for path in out.glob("smile-journal.rank-*.json"):
-        if _RANK_JOURNAL_PATTERN.fullmatch(path.name):
-            path.unlink()
+    for path in paths:
+        path.unlink()
 
 
 def input_identities(plan: Plan) -> dict[str, dict]:
