@@ -44,7 +44,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 
 SMILE_FORMAT_VERSION = 2
@@ -658,7 +657,11 @@ def smile_model_class(base_class: type) -> type:
 def __getattr__(name: str) -> type:
     # transformers resolves `auto_map` entries like "modeling_smile.SmileLlamaForCausalLM" with
     # getattr on this module; build the class for the named transformers architecture on demand.
-    base = getattr(transformers, name[len("Smile") :], None) if name.startswith("Smile") else None
-    if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
-        return smile_model_class(base)
+    # transformers is imported here, not at the top: the converter imports this file and never needs it.
+    if name.startswith("Smile"):
+        import transformers
+
+        base = getattr(transformers, name[len("Smile") :], None)
+        if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
+            return smile_model_class(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
