@@ -4,8 +4,13 @@ checkpoint of it must hold (the same rules `verify` applies to a converted folde
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -51,21 +56,122 @@ class ModelTensors:
         return problems, extra
 
 
-def discover_linears(base: Checkpoint, trust_remote_code: bool) -> tuple[str, dict[str, tuple[int, int, int]], ModelTensors]:
-    """Build the base architecture with empty weights and list its linear layers and tensors.
+@dataclass
+class Architecture:
+    """What the plan learns from the base model built with empty weights."""
 
-    Returns the architecture class name, {module name: (in, out, decoder block index or -1)} and
-    the tensors the model has.
-    """
-    import transformers
-    from accelerate import init_empty_weights
+    name: str  # the transformers class in config.json's `architectures`, e.g. MistralForCausalLM
+    backbone: str | None  # AutoModel's class for its model_type (serving engines load that)
+    linears: dict[str, tuple[int | None, int | None, int]]  # module -> (in, out, decoder block or -1)
+    tensors: ModelTensors
 
+    def record(self) -> dict:
+        linears = {name: list(value) for name, value in self.linears.items()}
+        shapes = {name: list(shape) for name, shape in self.tensors.shapes.items()}
+        return {
+            "name": self.name,
+            "backbone": self.backbone,
+            "linears": linears,
+            "shapes": shapes,
+            "aliases": self.tensors.aliases,
+        }
+
+    @classmethod
+    def from_record(cls, record: object) -> Architecture | None:
+        """The architecture a cache entry holds, or None unless every field has its exact type."""
+        try:
+            name, backbone = record["name"], record["backbone"]
+            linears, shapes, aliases = record["linears"], record["shapes"], record["aliases"]
+            if not (isinstance(name, str) and (backbone is None or isinstance(backbone, str))):
+                return None
+            for value in linears.values():
+                if not (isinstance(value, list) and len(value) == 3 and _is_int(value[2])):
+                    return None
+                if not all(size is None or _is_int(size) for size in value[:2]):
+                    return None
+            if not all(isinstance(shape, list) and all(map(_is_int, shape)) for shape in shapes.values()):
+                return None
+            if not all(isinstance(alias, str) for alias in aliases.values()):
+                return None
+            model = ModelTensors({k: tuple(v) for k, v in shapes.items()}, dict(aliases))
+            return cls(name, backbone, {k: tuple(v) for k, v in linears.items()}, model)
+        except (TypeError, KeyError, AttributeError):
+            return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Bump when what `discover` records changes: older cache entries are then never read.
+ARCHITECTURE_CACHE_VERSION = 1
+
+
+def cache_folder() -> Path | None:
+    """Where discovered architectures are kept: $SMILE_STREAM_CACHE (set but empty: nowhere), else
+    $XDG_CACHE_HOME/smile-stream, else ~/.cache/smile-stream."""
+    chosen = os.environ.get("SMILE_STREAM_CACHE")
+    if chosen is not None:
+        return Path(chosen) if chosen else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smile-stream"
+
+
+def _cache_file(base: Checkpoint) -> Path | None:
+    folder = cache_folder()
+    if folder is None:
+        return None
+    versions = {package: _version(package) for package in ("transformers", "torch", "smile-stream")}
+    key = json.dumps([ARCHITECTURE_CACHE_VERSION, versions, base.config], sort_keys=True)
+    return folder / "architectures" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def discover(base: Checkpoint, trust_remote_code: bool) -> Architecture:
+    """The base's architecture: from the cache when this config was discovered before with the same
+    transformers, torch and smile-stream, else built with empty weights (and then cached).
+
+    Building needs transformers and the model's code, whose import alone takes seconds, longer
+    than a LoRA conversion that links its base files. A model with remote code (auto_map) is never
+    cached: its code may change under the same config."""
     config_path = base.folder / "config.json"
-    if fields.get(base.config, "auto_map", "dict|null", config_path, None) and not trust_remote_code:
+    remote = fields.get(base.config, "auto_map", "dict|null", config_path, None)
+    if remote and not trust_remote_code:
         raise SmileError(
             f"{config_path} asks for remote code (auto_map). smile-stream does not run code from its inputs by default; "
             "pass --trust-remote-code if you trust this model's authors."
         )
+    path = None if remote else _cache_file(base)
+    if path is not None and path.is_file():
+        try:
+            cached = Architecture.from_record(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            cached = None
+        if cached is not None:
+            return cached
+    architecture = _build(base, trust_remote_code)
+    if path is not None:
+        try:  # a cache that cannot be written only costs the next run its speed
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(architecture.record()))
+            os.replace(partial, path)
+        except OSError:
+            pass
+    return architecture
+
+
+def _build(base: Checkpoint, trust_remote_code: bool) -> Architecture:
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    config_path = base.folder / "config.json"
     architectures = fields.get(base.config, "architectures", "list|null", config_path, None) or []
     arch = architectures[0] if architectures else None
     if not isinstance(arch, str) or not isinstance(getattr(transformers, arch, None), type):
@@ -94,7 +200,9 @@ def discover_linears(base: Checkpoint, trust_remote_code: bool) -> tuple[str, di
             linears[name] = (module.in_features, module.out_features, block)
         elif type(module).__name__ == "Conv1D":
             linears[name] = (None, None, block)  # GPT-2-style transposed linear: refused as a target
-    return arch, linears, ModelTensors.of(model)
+    model_type = base.config.get("model_type")
+    backbone = MODEL_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
+    return Architecture(arch, backbone, linears, ModelTensors.of(model))
 
 
 def check_base_tensors(base: Checkpoint, model: ModelTensors) -> dict[str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .architecture import check_base_tensors, discover_linears, layer_of, select_targets
+from .architecture import Architecture, check_base_tensors, discover, layer_of, select_targets
 from .errors import SmileError
 from .experts import Expert, open_expert
 from .modeling_smile import SMILE_FORMAT_VERSION, expert_shapes
@@ -224,7 +224,8 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
             f"--base {base_ref} is a LoRA adapter; the base must be a full model folder (config.json + *.safetensors)."
         )
     experts = [open_expert(name, ref, options.allow_pickle) for name, ref in expert_refs]
-    arch, linears, model_tensors = discover_linears(base, options.trust_remote_code)
+    architecture = discover(base, options.trust_remote_code)
+    linears, model_tensors = architecture.linears, architecture.tensors
     dropped = check_base_tensors(base, model_tensors)
     targets = select_targets(base, linears, options.targets)
 
@@ -261,7 +262,7 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
 
     tensors = _output_tensors(base, modules, options, linears, changed, dropped)
     shards = arrange(base, tensors, options.max_shard_size)
-    config = _output_config(base, arch, experts, modules, options)
+    config = _output_config(base, architecture, experts, modules, options)
     if spectra:
         for name, module in modules.items():
             config["smile"]["modules"][name]["energy"] = [
@@ -350,19 +351,13 @@ def _output_tensors(
     return out
 
 
-def base_model_class(model_type: object) -> str | None:
-    """The transformers class name of the backbone (AutoModel's class) for a model type."""
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-
-    return MODEL_MAPPING_NAMES.get(model_type) if isinstance(model_type, str) else None
-
-
-def _output_config(base: Checkpoint, arch: str, experts: list[Expert], modules: dict[str, ModulePlan], options: Options) -> dict:
+def _output_config(
+    base: Checkpoint, architecture: Architecture, experts: list[Expert], modules: dict[str, ModulePlan], options: Options
+) -> dict:
     config = dict(base.config)
-    config["auto_map"] = {"AutoModelForCausalLM": f"modeling_smile.Smile{arch}"}
-    backbone = base_model_class(config.get("model_type"))
-    if backbone:  # serving engines' Transformers backends load the backbone through AutoModel
-        config["auto_map"]["AutoModel"] = f"modeling_smile.Smile{backbone}"
+    config["auto_map"] = {"AutoModelForCausalLM": f"modeling_smile.Smile{architecture.name}"}
+    if architecture.backbone:  # serving engines' Transformers backends load the backbone through AutoModel
+        config["auto_map"]["AutoModel"] = f"modeling_smile.Smile{architecture.backbone}"
     if options.dtype:
         config["dtype"] = config["torch_dtype"] = options.dtype
     config["smile"] = {

@@ -1,7 +1,10 @@
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# The architecture cache of this test session (tests and the CLI subprocesses they start), not the user's
+os.environ["SMILE_STREAM_CACHE"] = tempfile.mkdtemp(prefix="smile-stream-cache-")
+atexit.register(shutil.rmtree, os.environ["SMILE_STREAM_CACHE"], ignore_errors=True)
 sys.path.insert(0, str(Path(__file__).parent))
 # tools/synthetic.py makes the tiny models, adapters and full experts the tests convert
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
