@@ -129,7 +129,7 @@ class LoraExpert(Expert):
 
     def _changes(self, module: str) -> bool:
         lora = self.source.modules[module]
-        return bool(self.source.read(lora.a).any()) and bool(self.source.read(lora.b).any())
+        return not self.source.is_zero(lora.a) and not self.source.is_zero(lora.b)
 
     def rank(self, module: str, natural: int, expert_rank: int | None) -> int:
         return min(natural, expert_rank or natural)  # a LoRA delta has rank r at most: a larger rank keeps it whole

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from . import fields
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE, SMILE_FORMAT_VERSION
 from .plan import COPIED_FILES, SHARD_NAME, Plan, explain_changes
+from .sources import input_identity
 
 JOURNAL = "smile-journal.json"
 LOCK_FILE = "smile-stream.lock"
@@ -35,10 +35,6 @@ MODEL_CARD = "README.md"
 SPECTRA = "smile-spectra.json"  # `--expert-rank energy:F`: every delta's spectrum, for `inspect --png`
 RANK_JOURNAL = "smile-journal.rank-{}.json"  # the shards one process of a multi-process run finished
 _RANK_JOURNAL_PATTERN = re.compile(r"smile-journal\.rank-\d+\.json")
-HASH_CHUNK = 1 << 24
-# Inputs up to this size are identified by their sha256 (adapters, configs, small models); larger
-# ones by size, mtime and inode, since hashing a 15 GB base on every run costs more than it saves.
-HASHED_INPUT_BYTES = 512 << 20
 _OWN_NAMES = {JOURNAL, INDEX_FILE, "config.json", REMOTE_CODE, MODEL_CARD, SPECTRA, *COPIED_FILES}
 _SHARD_PATTERN = re.compile(re.escape(SHARD_NAME).replace(re.escape("{:05d}"), r"\d{5}"))  # any shard name plan gives
 
@@ -67,14 +63,6 @@ def atomic_write(path: Path, data: bytes, crash: str | None = None) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_journal(out: Path) -> dict | None:
@@ -146,14 +134,7 @@ def merge_rank_journals(out: Path, journal: dict) -> None:
 def input_identities(plan: Plan) -> dict[str, dict]:
     """What identifies the content of every input file the run reads: {path: identity}."""
     paths = [*plan.base.read_paths, *(p for e in plan.experts for p in e.source.read_paths)]
-    return {str(p): _identity(p) for p in paths}
-
-
-def _identity(path: Path) -> dict:
-    stat = path.stat()
-    if stat.st_size <= HASHED_INPUT_BYTES:
-        return {"size": stat.st_size, "sha256": file_sha256(path)}
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    return {str(p): input_identity(p) for p in paths}
 
 
 def changed_inputs(recorded: dict, current: dict) -> list[str]:

@@ -21,7 +21,7 @@ from .errors import SmileError
 from .experts import Expert, open_expert
 from .modeling_smile import SMILE_FORMAT_VERSION, expert_shapes
 from .options import Options, resolve_device
-from .sources import Checkpoint, LoraAdapter, input_path, open_source
+from .sources import Checkpoint, LoraAdapter, digest_in_background, input_path, open_source
 from .tensors import DTYPE_CODES, FLOAT_CODES, TensorInfo, itemsize, safetensors_header
 
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
@@ -224,6 +224,7 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
             f"--base {base_ref} is a LoRA adapter; the base must be a full model folder (config.json + *.safetensors)."
         )
     experts = [open_expert(name, ref, options.allow_pickle) for name, ref in expert_refs]
+    digest_in_background([*base.read_paths, *(path for expert in experts for path in expert.source.read_paths)])
     architecture = discover(base, options.trust_remote_code)
     linears, model_tensors = architecture.linears, architecture.tensors
     dropped = check_base_tensors(base, model_tensors)

@@ -11,6 +11,8 @@ import json
 import math
 import os
 import re
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,9 +26,11 @@ from .tensors import (
     DTYPE_CODES,
     FLOAT_CODES,
     TensorInfo,
+    nonfinite_error,
     read_safetensors_header,
     require_finite,
     safetensors_header,
+    value_range,
 )
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -216,6 +220,7 @@ class LoraAdapter:
         self.dora = self.config.get("use_dora") is True
         self.modules = self._modules()
         self._handle = None
+        self._zero: dict[str, bool] = {}  # tensors checked finite (the plan and the factoring both read them): all zero?
 
     def _check_config(self) -> None:
         cfg, where = self.config, self.folder / ADAPTER_CONFIG
@@ -310,7 +315,70 @@ class LoraAdapter:
     def read(self, info: TensorInfo) -> torch.Tensor:
         if self._handle is None:
             self._handle = safe_open(self.file.path, framework="pt", device="cpu")
-        return require_finite(self._handle.get_tensor(info.name), info)
+        tensor = self._handle.get_tensor(info.name)
+        if info.name not in self._zero:
+            low, high = value_range(tensor) if tensor.numel() else (0.0, 0.0)
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise nonfinite_error(info)
+            self._zero[info.name] = low == high == 0
+        return tensor
+
+    def is_zero(self, info: TensorInfo) -> bool:
+        """Whether every value of the tensor is zero (found by the same pass that checks it finite)."""
+        if info.name not in self._zero:
+            self.read(info)
+        return self._zero[info.name]
+
+
+HASH_CHUNK = 1 << 24
+# Inputs up to this size are identified by their sha256 (adapters, configs, small models); larger
+# ones by size, mtime and inode, since hashing a 15 GB base on every run costs more than it saves.
+HASHED_INPUT_BYTES = 512 << 20
+_DIGESTS: dict[tuple, Future] = {}  # (path, size, mtime, inode) -> its sha256, computed in the background
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _stat_key(path: Path) -> tuple:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def digest_in_background(paths: list[Path]) -> None:
+    """Start hashing the input files identified by content on a background thread, so that their
+    sha256 (for the journal) costs no time of its own: the plan reads the same files meanwhile."""
+    jobs = []
+    for path in paths:
+        key = _stat_key(path)
+        if key[1] <= HASHED_INPUT_BYTES and key not in _DIGESTS:
+            _DIGESTS[key] = Future()
+            jobs.append((path, _DIGESTS[key]))
+
+    def run() -> None:
+        for path, future in jobs:
+            try:
+                future.set_result(file_sha256(path))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for this digest
+                future.set_exception(exc)
+
+    if jobs:
+        threading.Thread(target=run, name="smile-digest", daemon=True).start()
+
+
+def input_identity(path: Path) -> dict:
+    """What identifies an input file's content for the journal: size and sha256 (the background
+    job's, when one hashed the file as it is now), or for a large file size, mtime and inode."""
+    stat = path.stat()
+    if stat.st_size > HASHED_INPUT_BYTES:
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    job = _DIGESTS.pop(_stat_key(path), None)
+    return {"size": stat.st_size, "sha256": job.result() if job is not None else file_sha256(path)}
 
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

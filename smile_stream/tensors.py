@@ -163,8 +163,13 @@ def is_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf. min/max propagate both, and cost one read, without a boolean copy."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
+    return all(map(math.isfinite, value_range(tensor)))
+
+
+def value_range(tensor: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a non-empty tensor in one read; NaN or Inf anywhere shows in them."""
     low, high = torch.aminmax(tensor.reshape(-1))
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return float(low), float(high)
 
 
 def cast(tensor: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:

@@ -18,8 +18,8 @@ from .errors import SmileError
 from .experts import open_expert
 from .load import check_smile_section, model_class
 from .modeling_smile import EXPERT_TENSORS, INDEX_FILE, check_format, unpack_factors
-from .output import HASH_CHUNK, JOURNAL, REMOTE_CODE, file_sha256, read_journal
-from .sources import input_path, load_json, open_source
+from .output import JOURNAL, REMOTE_CODE, read_journal
+from .sources import HASH_CHUNK, file_sha256, input_path, load_json, open_source
 from .tensors import DTYPES, FLOAT_CODES, TensorInfo, read_safetensors_header
 
 

@@ -27,9 +27,10 @@ import torch
 from . import modeling_smile
 from .errors import SmileError
 from .modeling_smile import INDEX_FILE
-from .output import HASH_CHUNK, MODEL_CARD, REMOTE_CODE, SPECTRA, atomic_write, crash_point, save_journal
+from .output import MODEL_CARD, REMOTE_CODE, SPECTRA, atomic_write, crash_point, save_journal
 from .plan import Plan, ShardPlan, TensorPlan
 from .report import model_card, spectra_record
+from .sources import HASH_CHUNK
 from .tensors import DTYPES, FLOAT_CODES, TensorInfo, is_finite, nonfinite_error
 
 
@@ -206,10 +207,8 @@ class ShardWriter:
 
     def check(self) -> None:
         """Raise what the worker found so far (NaN/Inf in a copied tensor)."""
-        for job in self.pending:
-            if not job.done():
-                break
-            job.result()
+        while self.pending and self.pending[0].done():
+            self.pending.pop(0).result()
 
     def commit(self) -> str:
         """(On the worker, after all hashing.) fsync, close, rename; the shard's sha256."""

@@ -101,7 +101,7 @@ def test_verify_deep_recomputes_and_flags_wrong_factors(models, tmp_path):
     tensors[name] = tensors[name] * 1.05
     save_file(tensors, shard, metadata={"format": "pt"})
     journal = json.loads((out / "smile-journal.json").read_text())
-    journal["shards"][shard.name]["sha256"] = smile_stream.output.file_sha256(shard)
+    journal["shards"][shard.name]["sha256"] = smile_stream.sources.file_sha256(shard)
     (out / "smile-journal.json").write_text(json.dumps(journal))
     assert smile_stream.verify(out)[0] == []  # the shallow checks pass
     problems, _ = smile_stream.verify(

@@ -348,9 +348,9 @@ def test_resume_refuses_inputs_saved_again_with_the_same_header(inputs, tmp_path
     with pytest.raises(SmileError, match="input files changed since it started .*adapter_model.safetensors"):
         convert(str(local_base), [("a", str(adapter))], out, Options(gate_rank=4, max_shard_size=20_000), quiet=True)
     # a large input is identified by size, mtime and inode: a touch is enough to refuse
-    import smile_stream.output
+    import smile_stream.sources
 
-    monkeypatch.setattr(smile_stream.output, "HASHED_INPUT_BYTES", 0)
+    monkeypatch.setattr(smile_stream.sources, "HASHED_INPUT_BYTES", 0)
     convert(str(local_base), [("a", str(adapter))], out, Options(gate_rank=4, max_shard_size=20_000), overwrite=True, quiet=True)
     (out / "model.safetensors.index.json").unlink()
     os.utime(local_base / "model.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))
