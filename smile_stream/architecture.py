@@ -16,7 +16,7 @@ import torch
 
 from . import fields
 from .errors import SmileError
-from .sources import Checkpoint
+from .sources import Checkpoint, cache_folder
 from .tensors import FLOAT_CODES
 
 
@@ -105,15 +105,6 @@ def _is_int(value: object) -> bool:
 
 # Bump when what `discover` records changes: older cache entries are then never read.
 ARCHITECTURE_CACHE_VERSION = 1
-
-
-def cache_folder() -> Path | None:
-    """Where discovered architectures are kept: $SMILE_STREAM_CACHE (set but empty: nowhere), else
-    $XDG_CACHE_HOME/smile-stream, else ~/.cache/smile-stream."""
-    chosen = os.environ.get("SMILE_STREAM_CACHE")
-    if chosen is not None:
-        return Path(chosen) if chosen else None
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smile-stream"
 
 
 def _cache_file(base: Checkpoint) -> Path | None:

@@ -438,12 +438,27 @@ def open_source(ref: str, allow_pickle: bool = False) -> Checkpoint | LoraAdapte
     return Checkpoint(folder, ref, allow_pickle)
 
 
+def cache_folder() -> Path | None:
+    """smile-stream's own cache (discovered architectures, safetensors copies of pickles):
+    $SMILE_STREAM_CACHE (set but empty: none), else $XDG_CACHE_HOME/smile-stream, else ~/.cache/smile-stream."""
+    chosen = os.environ.get("SMILE_STREAM_CACHE")
+    if chosen is not None:
+        return Path(chosen) if chosen else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smile-stream"
+
+
 def unpickled(path: Path) -> Path:
     """A safetensors copy of a pickle checkpoint (only with --allow-pickle), cached by path, size and
     mtime. torch.load runs with weights_only=True and mmap=True; tensors are written one at a time."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SMILE_STREAM_CACHE", Path.home() / ".cache" / "smile-stream")) / "unpickled" / key
+    folder = cache_folder()
+    if folder is None:
+        raise SmileError(
+            f"{path}: --allow-pickle converts pickle checkpoints into a cached safetensors copy, but SMILE_STREAM_CACHE "
+            "is set empty (no cache). Point it at a folder."
+        )
+    cache = folder / "unpickled" / key
     target = cache / (path.stem + ".safetensors")
     if target.is_file():
         return target

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import smile_stream.architecture as architecture
+import smile_stream.sources
 from smile_stream import Options, make_plan
 from smile_stream.sources import open_source
 
@@ -109,7 +110,7 @@ def _json_or_none(text: str) -> object:
 def test_no_cache_when_disabled_or_unwritable(models, tmp_path, monkeypatch):
     base, lora = models("llama"), models("llama:lora_c", r=4, targets="all-linear", seed=81)
     monkeypatch.setenv("SMILE_STREAM_CACHE", "")
-    assert architecture.cache_folder() is None
+    assert smile_stream.sources.cache_folder() is None
     expected = _plan(base, lora).config
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
