@@ -137,35 +137,40 @@ class RoutingState:
         self.turn = 0
 
     @torch.no_grad()
-    def pooled(self, experts: list[int], evidence: torch.Tensor) -> torch.Tensor:
-        """This module's evidence (tokens, E_m) for its experts (global indices) -> pooled scores,
-        used only to pick experts (so a scale shared by all of them is left out)."""
-        n, device = evidence.shape[0], evidence.device
+    def pooled(self, experts: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """This module's router logits (tokens, E_m) for its experts (global indices) -> pooled
+        scores, used only to pick experts (so a scale shared by all of them is left out)."""
+        n, device = logits.shape[0], logits.device
         if self.running is None or self.running.shape[0] != n:
-            self.running = torch.zeros(n, self.num_experts, dtype=torch.float64, device=evidence.device)
+            self.running = torch.zeros(n, self.num_experts, dtype=torch.float64, device=device)
         everyone = len(experts) == self.num_experts  # experts are listed in order: no indexing
         ids = None if everyone else self._ids(experts)
-        evidence = evidence.to(self.running.device, torch.float64)
+        logits = logits.to(self.running.device, torch.float64)
+        total = logits.sum(-1, keepdim=True).clamp_min_(1e-30)  # the evidence: each expert's share
         if everyone:
-            self.running.add_(evidence)
+            self.running.addcdiv_(logits, total)
         else:
-            self.running.index_add_(1, ids, evidence)
+            self.running.index_add_(1, ids, logits / total)
         for i in experts:
             self.presence[i] += 1
         scores = self.running
         if self.mode == "sequence":
             batch = self.shape[0] if self.shape and self.shape[0] * self.shape[1] == n else 1
-            scores = self.running.view(batch, n // batch, -1)
-            if self.mask is not None and self.mask.shape == scores.shape[:2]:
-                scores = scores * self.mask.to(scores.device, scores.dtype).unsqueeze(-1)
-            if scores.shape[1] > 1:
+            # (batch, tokens per sequence, E); decoding (one token per sequence) stays 2-D: no reshapes
+            scores = self.running.view(batch, n // batch, -1) if n != batch else self.running
+            if self.mask is not None and self.mask.shape == (batch, n // batch):
+                scores = scores * self.mask.to(scores.device, scores.dtype).view(*scores.shape[:-1], 1)
+            if n != batch:
                 scores = scores.cumsum(1)
             earlier = self.history.get(self.turn)
             if earlier is not None:
                 if not torch.is_tensor(earlier):  # left by `pooled_one`
                     earlier = torch.tensor(earlier, dtype=scores.dtype)
-                scores = scores + earlier.to(scores.device).view(batch, 1, -1)
-            self.history[self.turn] = scores[:, -1]
+                earlier = earlier.to(scores.device)
+                scores = scores + (earlier.view(batch, -1) if n == batch else earlier.view(batch, 1, -1))
+            elif scores is self.running:  # the history keeps this turn's sums, not the later modules' additions
+                scores = scores.clone()
+            self.history[self.turn] = scores[:, -1] if n != batch else scores
             self.turn += 1
             scores = scores.view(n, -1)
         if not everyone:
@@ -352,11 +357,7 @@ class SmileLinear(nn.Module):
         """Router logits (tokens, E) -> the renormalised top-k weights and expert indices (tokens, top_k).
         With `pool` (the forward paths; once per module and pass) and a pooled routing mode, the
         pooled evidence picks the experts."""
-        chooser = logits
-        if self.routing is not None and pool:
-            logits = logits.float()
-            shares = logits / logits.sum(-1, keepdim=True).clamp_min(1e-30)
-            chooser = self.routing.pooled(self.expert_ids, shares)
+        chooser = self._chooser(logits) if pool else logits
         if self.top_k == 1:  # the renormalised weight of a single choice is exactly 1
             index = chooser.argmax(dim=-1, keepdim=True)
             return self._traced(torch.ones(index.shape, dtype=logits.dtype, device=logits.device), index)
@@ -366,6 +367,10 @@ class SmileLinear(nn.Module):
             index = chooser.topk(self.top_k, dim=-1).indices
             top = torch.softmax(logits, dim=-1).gather(-1, index)
         return self._traced(top / top.sum(-1, keepdim=True), index)
+
+    def _chooser(self, logits: torch.Tensor) -> torch.Tensor:
+        """What picks the experts in a forward pass: the pooled evidence in a pooled mode, else the logits."""
+        return logits if self.routing is None else self.routing.pooled(self.expert_ids, logits)
 
     def _traced(self, top: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.trace is not None:
@@ -467,8 +472,15 @@ class SmileLinear(nn.Module):
         # gives the logits; reordered to the experts' order and scaled by the routing weights,
         # one matmul adds all experts.
         h = F.linear(tokens, self.expert_down)
-        weights = self.routing_weights(self._logits(h[:, : self._gate_size]), pool=True).to(h.dtype)
+        logits = self._logits(h[:, : self._gate_size])
         order, owner = self._dense_order(h.device)
+        if self.top_k == 1 and self.trace is None:  # one expert at weight 1 per token: a mask of its columns
+            chosen = self._chooser(logits).argmax(dim=-1, keepdim=True)
+            out.addmm_(h.index_select(1, order).mul_(owner == chosen), self.expert_up)
+            if self.expert_bias is not None:
+                out.add_(self.expert_bias.index_select(0, chosen.view(-1)))
+            return
+        weights = self.routing_weights(logits, pool=True).to(h.dtype)
         out.addmm_(h.index_select(1, order).mul_(weights.index_select(1, owner)), self.expert_up)
         if self.expert_bias is not None:
             out.addmm_(weights, self.expert_bias)

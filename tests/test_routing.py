@@ -149,3 +149,19 @@ def test_one_sequence_decoded_token_by_token(setup, mode):
             out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_sequence_mode_any_split_of_the_sequence_into_passes(setup):
+    # a first pass of one token per sequence (one-token prompts, batched) leaves history that later
+    # passes add to, whatever their length (chunked prefill, speculative decoding): it must hold
+    # that pass's evidence at each module, not the later modules' additions
+    _, _, outs = setup
+    model = smile_stream.load_model(outs["sequence"])
+    ids = torch.randint(3, 300, (3, 8), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        whole = model(ids).logits
+        out, steps = None, []
+        for start, stop in ((0, 1), (1, 3), (3, 4), (4, 7), (7, 8)):
+            out = model(ids[:, start:stop], past_key_values=out and out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, rtol=1e-4, atol=1e-4)
