@@ -72,7 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=list(TOKENS), default="smollm2-135m")
     parser.add_argument("--work", type=Path, help="default: build/bench-decode (the 7B shape: build/bench-decode-7b)")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     import transformers
     from peft import PeftModel
@@ -96,7 +97,7 @@ def main() -> None:
     smile_model = smile_stream.load_model(smile, **load).eval()  # one copy: the modes are switched on it
     modes = {f"SMILE {mode}": mode for mode in ("module", "token", "sequence")}
     models.update(dict.fromkeys(modes, smile_model))
-    rounds = 3 if args.quick else 7
+    rounds = 3 if args.quick else args.rounds
     print(f"{args.shape}: {os.cpu_count()} CPUs, torch {torch.__version__}, float32, {rounds} rounds")
     print("| batch | model | ms per token | / base |")
     print("|---|---|---|---|")
