@@ -334,7 +334,7 @@ HASH_CHUNK = 1 << 24
 # Inputs up to this size are identified by their sha256 (adapters, configs, small models); larger
 # ones by size, mtime and inode, since hashing a 15 GB base on every run costs more than it saves.
 HASHED_INPUT_BYTES = 512 << 20
-_DIGESTS: dict[tuple, Future] = {}  # (path, size, mtime, inode) -> its sha256, computed in the background
+_DIGESTS: dict[tuple, Future] = {}  # (path, size, mtime, inode) -> the file's sha256, computed in the background
 
 
 def file_sha256(path: Path) -> str:
@@ -345,8 +345,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stat_key(path: Path) -> tuple:
-    stat = path.stat()
+def _state(path: Path, stat: os.stat_result) -> tuple:
     return str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino
 
 
@@ -355,10 +354,10 @@ def digest_in_background(paths: list[Path]) -> None:
     sha256 (for the journal) costs no time of its own: the plan reads the same files meanwhile."""
     jobs = []
     for path in paths:
-        key = _stat_key(path)
-        if key[1] <= HASHED_INPUT_BYTES and key not in _DIGESTS:
-            _DIGESTS[key] = Future()
-            jobs.append((path, _DIGESTS[key]))
+        stat = path.stat()
+        if stat.st_size <= HASHED_INPUT_BYTES and _state(path, stat) not in _DIGESTS:
+            _DIGESTS[_state(path, stat)] = Future()
+            jobs.append((path, _DIGESTS[_state(path, stat)]))
 
     def run() -> None:
         for path, future in jobs:
@@ -377,7 +376,7 @@ def input_identity(path: Path) -> dict:
     stat = path.stat()
     if stat.st_size > HASHED_INPUT_BYTES:
         return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
-    job = _DIGESTS.pop(_stat_key(path), None)
+    job = _DIGESTS.pop(_state(path, stat), None)
     return {"size": stat.st_size, "sha256": job.result() if job is not None else file_sha256(path)}
 
 
