@@ -173,7 +173,7 @@ def _convert(base, experts, out: Path, options: Options, dry_run: bool, overwrit
     leader = world is None or world.leader
     with PeakMemory() as memory, ExitStack() as held:
         start = now()
-        plan = make_plan(base, experts, options)
+        plan = make_plan(base, experts, options, digest_inputs=leader and not dry_run)
         if world is not None:
             distribute.check_same_plan(world, plan)
             plan.device = distribute.compute_device(world, plan.device)

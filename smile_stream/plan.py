@@ -213,8 +213,9 @@ def _header(tensors: list[TensorPlan]) -> bytes:
     return safetensors_header([(t.name, t.dtype, t.shape) for t in tensors])
 
 
-def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Options) -> Plan:
-    """Read headers and configs of every input, validate them, and plan the whole output."""
+def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Options, digest_inputs: bool = False) -> Plan:
+    """Read headers and configs of every input, validate them, and plan the whole output.
+    `digest_inputs`: also hash the inputs for the journal meanwhile (the run that writes it)."""
     options.validate()
     _check_experts(options, expert_refs)
     device = resolve_device(options.device)
@@ -224,7 +225,8 @@ def make_plan(base_ref: str, expert_refs: list[tuple[str, str]], options: Option
             f"--base {base_ref} is a LoRA adapter; the base must be a full model folder (config.json + *.safetensors)."
         )
     experts = [open_expert(name, ref, options.allow_pickle) for name, ref in expert_refs]
-    digest_in_background([*base.read_paths, *(path for expert in experts for path in expert.source.read_paths)])
+    if digest_inputs:
+        digest_in_background([*base.read_paths, *(path for expert in experts for path in expert.source.read_paths)])
     architecture = discover(base, options.trust_remote_code)
     linears, model_tensors = architecture.linears, architecture.tensors
     dropped = check_base_tensors(base, model_tensors)
