@@ -12,6 +12,7 @@ rounds, and the ratios are taken within a round (this machine drifts between min
     python tools/bench_decode.py                         # batch 1 and 50 sequences
     python tools/bench_decode.py --quick                 # fewer rounds (make bench)
     python tools/bench_decode.py --shape mistral-7b-4l   # the 7B shape, 4 layers
+    python tools/bench_decode.py --compile --modes module  # every model under torch.compile
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from smile_stream.modeling_smile import ROUTING_MODES
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
@@ -55,14 +58,20 @@ def inputs(work: Path, shape: str) -> tuple[Path, list[Path]]:
     return base, loras
 
 
-def per_token(model, batch: int, short: int, long: int) -> float:
+def per_token(model, batch: int, short: int, long: int, **generate) -> float:
     """Seconds per decoded token (all sequences of the batch together), prefill excluded."""
     ids = torch.randint(3, 1000, (batch, 16), generator=torch.Generator().manual_seed(batch))
     times = []
     for new in (short, long):
         start = time.perf_counter()
         model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            **generate,
         )
         times.append(time.perf_counter() - start)
     return (times[1] - times[0]) / (long - short)
@@ -74,7 +83,16 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="default: build/bench-decode (the 7B shape: build/bench-decode-7b)")
     parser.add_argument("--quick", action="store_true", help="3 rounds")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--sequences", nargs="+", type=int, choices=(1, 50), default=[1, 50], help="batch sizes decoded")
+    parser.add_argument("--modes", nargs="+", choices=ROUTING_MODES, default=list(ROUTING_MODES), help="SMILE routing modes")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every model's forward and decode with a static KV cache (one mode: switching recompiles)",
+    )
     args = parser.parse_args()
+    if args.compile and len(args.modes) > 1:
+        parser.error("--compile takes one routing mode (--modes MODE): switching modes recompiles the model")
     import transformers
     from peft import PeftModel
 
@@ -95,26 +113,38 @@ def main() -> None:
         transformers.AutoModelForCausalLM.from_pretrained(base_folder, **load), str(loras[0])
     ).eval()
     smile_model = smile_stream.load_model(smile, **load).eval()  # one copy: the modes are switched on it
-    modes = {f"SMILE {mode}": mode for mode in ("module", "token", "sequence")}
+    modes = {f"SMILE {mode}": mode for mode in args.modes}
     models.update(dict.fromkeys(modes, smile_model))
+    smile_model.set_smile_routing(args.modes[0])
+    switch = len(modes) > 1  # a new routing state each switch: only when several modes share the model
+    generate = {name: {} for name in models}  # generate()'s extra arguments per model
+    if args.compile:
+        for name, model in models.items():
+            model.forward = torch.compile(model.forward)
+            generate[name]["cache_implementation"] = "static"
+        # what compiling buys: the base as the plain runs measure it, beside the compiled ones
+        models["base, eager"] = transformers.AutoModelForCausalLM.from_pretrained(base_folder, **load).eval()
+        generate["base, eager"] = {}
     rounds = 3 if args.quick else args.rounds
-    print(f"{args.shape}: {os.cpu_count()} CPUs, torch {torch.__version__}, float32, {rounds} rounds")
+    compiled = ", torch.compile" if args.compile else ""
+    print(f"{args.shape}: {os.cpu_count()} CPUs, torch {torch.__version__}, float32{compiled}, {rounds} rounds")
     print("| batch | model | ms per token | / base |")
     print("|---|---|---|---|")
-    for batch, (short, long) in TOKENS[args.shape].items():
+    for batch in args.sequences:
+        short, long = TOKENS[args.shape][batch]
         ratios: dict[str, list[float]] = {name: [] for name in models}
         seconds: dict[str, list[float]] = {name: [] for name in models}
         with torch.no_grad():
             for name, model in models.items():  # warm-up
-                if name in modes:
+                if switch and name in modes:
                     model.set_smile_routing(modes[name])
-                per_token(model, batch, 1, 3)
+                per_token(model, batch, 1, 3, **generate[name])
             for _ in range(rounds):
-                base_time = per_token(models["base"], batch, short, long)
+                base_time = per_token(models["base"], batch, short, long, **generate["base"])
                 for name, model in models.items():
-                    if name in modes:
+                    if switch and name in modes:
                         model.set_smile_routing(modes[name])
-                    took = base_time if name == "base" else per_token(model, batch, short, long)
+                    took = base_time if name == "base" else per_token(model, batch, short, long, **generate[name])
                     seconds[name].append(took)
                     ratios[name].append(took / base_time)
         for name in models:
