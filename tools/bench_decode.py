@@ -37,6 +37,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 SMOLLM2_135M = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152)
 # per shape: (new tokens of the short and the long run) for 1 and for 50 sequences
 TOKENS = {"smollm2-135m": {1: (4, 36), 50: (2, 10)}, "mistral-7b-4l": {1: (2, 12), 50: (2, 6)}}
+BATCHES = [1, 50]  # every shape's
 
 
 def inputs(work: Path, shape: str) -> tuple[Path, list[Path]]:
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="default: build/bench-decode (the 7B shape: build/bench-decode-7b)")
     parser.add_argument("--quick", action="store_true", help="3 rounds")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--sequences", nargs="+", type=int, choices=(1, 50), default=[1, 50], help="batch sizes decoded")
+    parser.add_argument("--sequences", nargs="+", type=int, choices=BATCHES, default=BATCHES, help="batch sizes decoded")
     parser.add_argument("--modes", nargs="+", choices=ROUTING_MODES, default=list(ROUTING_MODES), help="SMILE routing modes")
     parser.add_argument(
         "--compile",
